@@ -383,6 +383,27 @@ def resolve_config(
     return cfg
 
 
+def with_shortcuts(
+    cfg: Config,
+    *,
+    seed: int | None = None,
+    model: str | None = None,
+    negative: str | None = None,
+    lods: int | None = None,
+) -> Config:
+    """Apply the CLI's shortcut options (`--seed`, `--model`, `--negative`, `--lods`)."""
+    changes: dict[str, Any] = {}
+    if seed is not None:
+        changes["seed"] = seed
+    if model is not None:
+        changes["model.id"] = model
+    if negative is not None:
+        changes["stage1.negative_prompt"] = negative
+    if lods is not None:
+        changes["export.lods"] = lods
+    return apply_overrides(cfg, changes, source="option") if changes else cfg
+
+
 def validate(cfg: Config) -> None:
     """Range checks that a type alone cannot express."""
 
@@ -429,7 +450,8 @@ def _toml_value(v: Any) -> str:
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v)
-    return json.dumps(v, ensure_ascii=False)  # a JSON string is a valid TOML basic string
+    # A JSON string is a valid TOML basic string once DEL, which TOML forbids raw, is escaped too.
+    return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def dump_toml(cfg: Config) -> str:

@@ -1,0 +1,88 @@
+"""Quick GPU environment probe: versions, gsplat kernel build, SD-2.1-base-sized UNet/VAE timings.
+
+Run on the GPU machine: `python benchmarks/gpu_probe.py` (prints JSON). Random weights only.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+
+
+def timed(fn, n=20, warmup=3):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(n):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        ts.append(s.elapsed_time(e))
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
+def main():
+    import diffusers
+    import gsplat
+    import transformers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    out = {
+        "device": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "gsplat": gsplat.__version__,
+    }
+    dev = torch.device("cuda")
+    t0 = time.perf_counter()
+    means = torch.randn(1000, 3, device=dev)
+    quats = torch.randn(1000, 4, device=dev)
+    scales = torch.rand(1000, 3, device=dev) * 0.1
+    opac = torch.rand(1000, device=dev)
+    colors = torch.rand(1000, 3, device=dev)
+    viewmats = torch.eye(4, device=dev)[None].clone()
+    viewmats[0, 2, 3] = 5
+    Ks = torch.tensor([[[300.0, 0, 128], [0, 300.0, 128], [0, 0, 1]]], device=dev)
+    gsplat.rasterization(means, quats, scales, opac, colors, viewmats, Ks, 256, 256)
+    torch.cuda.synchronize()
+    out["gsplat_first_call_s"] = round(time.perf_counter() - t0, 1)
+
+    unet = UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
+    ).to(dev, torch.float16).eval()
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    ).to(dev, torch.float16).eval()
+    out["unet_params_M"] = round(sum(p.numel() for p in unet.parameters()) / 1e6, 1)
+    lat = torch.randn(2, 4, 64, 64, device=dev, dtype=torch.float16)
+    emb = torch.randn(2, 77, 1024, device=dev, dtype=torch.float16)
+    t = torch.tensor([500, 500], device=dev)
+    with torch.no_grad():
+        out["unet_cfg_eager_ms"] = round(timed(lambda: unet(lat, t, encoder_hidden_states=emb).sample), 2)
+    img = torch.rand(1, 3, 512, 512, device=dev, dtype=torch.float16, requires_grad=True)
+
+    def enc():
+        z = vae.encode(img).latent_dist.mean
+        z.float().sum().backward()
+
+    out["vae_enc_fwd_bwd_512_ms"] = round(timed(enc), 2)
+    out["peak_mem_GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,452 @@
+"""Known-answer quality benchmark: reconstruct reference objects and measure the .glb against them.
+
+Case A (stage 2 alone): Gaussians placed on the reference surface → `.ply` → `pipeline.mesh_from_splat`
+(the `tdgen mesh` path) → `.glb`.
+Case B (whole pipeline, oracle guidance): an `OracleGuidance` that renders the reference from the
+sampled cameras replaces SDS in `optimize_gaussians` (sphere init, densification) → the same
+stage 2 → `.glb`.
+
+Metrics compare the re-read `.glb` with the reference after undoing only the export's known
+normalisation (height `export.height`, pivot at the bottom centre): Chamfer-L1 and F-score at 1 %
+of the reference's bounding-box diagonal, normal consistency, and mask IoU / PSNR of textured
+renders from held-out views (elevation ±15°, azimuths 22.5° + k·45°, none of the bake views).
+
+    python benchmarks/quality.py --smoke                 # CPU, CI-sized, thresholds checked
+    python benchmarks/quality.py --device cuda           # GPU, full sizes
+    python benchmarks/quality.py --ref chair.glb --cases A --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from benchmarks.common import environment, format_table, log, set_threads, to_json
+from benchmarks.references import BUILDERS, Reference, build_reference, load_reference, load_textured
+from tdgen.config import Config, resolve_config
+from tdgen.meshdata import Mesh
+
+HELD_OUT_ELEVATIONS = (15.0, -15.0)
+HELD_OUT_AZIMUTHS = tuple(22.5 + 45.0 * k for k in range(8))
+"""Held-out views: between the bake views' azimuths (multiples of 45°) and elevations (0, ±30°)."""
+
+METRIC_BACKGROUND = (0.5, 0.5, 0.5)
+"""Background of the held-out renders; mid grey so neither a white nor a black part hides."""
+
+# Smoke thresholds, set from measured CPU values with margin (see README): each fails when a stage
+# is broken on purpose (grey bake, mesh shifted by 10 %, mirrored texture, no stage-1 learning).
+SMOKE_THRESHOLDS: dict[str, dict[str, tuple[str, float]]] = {
+    "A": {"chamfer": ("<", 0.02), "fscore": (">", 0.6), "mask_iou": (">", 0.85), "psnr_masked": (">", 20.0)},
+    "B": {"chamfer": ("<", 0.05), "fscore": (">", 0.3), "mask_iou": (">", 0.7), "psnr_masked": (">", 15.0)},
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Configurations
+
+
+def quality_config(smoke: bool, device: torch.device) -> Config:
+    """The benchmark's Config: `standard` (no refinement, no model) or a CPU-sized smoke one.
+
+    Refinement is off because its target comes from a diffusion model, which has no known answer.
+    """
+    common = {
+        "texture.refine_steps": 0,
+        "export.preview": False,
+        "export.splat": False,
+        "export.lods": 0,
+    }
+    if not smoke:
+        return resolve_config("standard", common)
+    return resolve_config(
+        "draft",
+        {
+            **common,
+            "stage1.steps": 120,
+            "stage1.resolution": 64,
+            "stage1.encode_resolution": 0,
+            "stage1.num_points": 1500,
+            "stage1.max_points": 6000,
+            "stage1.background": "random",
+            "mesh.grid": 64,
+            "mesh.triangles": 4000,
+            "texture.size": 256,
+            "texture.bake_views": 26,
+            "texture.bake_resolution": 128,
+        },
+    )
+
+
+@dataclass(frozen=True)
+class Sizes:
+    surface_gaussians: int
+    """Case A: Gaussians sampled on the reference surface."""
+    metric_points: int
+    """Surface samples per mesh for Chamfer / F-score / normal consistency."""
+    metric_resolution: int
+    """Held-out render size (pixels, square)."""
+
+
+SMOKE_SIZES = Sizes(surface_gaussians=6000, metric_points=20_000, metric_resolution=128)
+FULL_SIZES = Sizes(surface_gaussians=60_000, metric_points=100_000, metric_resolution=512)
+
+
+# ---------------------------------------------------------------------------------------------
+# Case A: Gaussians on the reference surface
+
+
+def gaussians_on_surface(ref: Reference, n: int, seed: int = 0, flatness: float = 0.3,
+                         spread: float = 1.0, opacity: float = 0.95):
+    """`n` Gaussians sampled area-uniformly on the reference, coloured by its texture.
+
+    Each is a disc in the tangent plane: tangential std-dev `spread`·(mean sample spacing), normal
+    std-dev `flatness` times that, rotation taking local z to the face normal.
+    """
+    import trimesh
+    from scipy.spatial.transform import Rotation
+
+    from tdgen.gaussians import C0, Gaussians
+    from tdgen.raster import sample_texture
+
+    m = ref.mesh
+    tm = trimesh.Trimesh(m.vertices, m.faces, process=False)
+    pts, fidx, bary = trimesh.sample.sample_surface(tm, n, seed=seed, return_barycentric=True)
+    uv = (bary[:, :, None] * m.uvs[m.faces[fidx]]).sum(1)  # [N, 2]
+    rgb = sample_texture(torch.from_numpy(ref.texture), torch.from_numpy(uv).float()).clamp(0, 1)
+
+    normal = np.asarray(tm.face_normals)[fidx]  # [N, 3]
+    helper = np.where(np.abs(normal[:, :1]) < 0.9, [[1.0, 0.0, 0.0]], [[0.0, 1.0, 0.0]])
+    t1 = np.cross(normal, helper)
+    t1 /= np.linalg.norm(t1, axis=1, keepdims=True)
+    t2 = np.cross(normal, t1)  # t1 × t2 = normal: a proper rotation with columns (t1, t2, n)
+    rot = np.stack([t1, t2, normal], axis=2)  # [N, 3, 3]
+    quats = Rotation.from_matrix(rot).as_quat(scalar_first=True)  # [N, 4] w-first
+
+    sigma_t = spread * math.sqrt(tm.area / n)
+    log_s = np.log([sigma_t, sigma_t, flatness * sigma_t])
+    return Gaussians(
+        means=torch.from_numpy(pts).float(),
+        scales=torch.tensor(log_s, dtype=torch.float32).repeat(n, 1),
+        quats=torch.from_numpy(quats).float(),
+        opacities=torch.full((n,), math.log(opacity / (1 - opacity))),
+        sh0=(rgb - 0.5) / C0,
+        shN=torch.zeros(n, 0, 3),
+    )
+
+
+def run_case_a(ref: Reference, cfg: Config, sizes: Sizes, workdir: Path, device: torch.device) -> tuple[Path, dict]:
+    """Stage 2 alone, through `pipeline.mesh_from_splat`; returns the .glb and the timings."""
+    from tdgen.gaussians import save_ply
+    from tdgen.pipeline import mesh_from_splat
+
+    ply = workdir / f"{ref.name}_A.ply"
+    save_ply(gaussians_on_surface(ref, sizes.surface_gaussians, seed=cfg.seed), ply)
+    out = workdir / f"{ref.name}_A.glb"
+    res = mesh_from_splat(ply, cfg, out, device=device)
+    return out, {**res.timings, **{f"n_{k}": v for k, v in res.counts.items()}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Case B: the whole pipeline against an oracle
+
+
+class OracleGuidance:
+    """A `tdgen.guidance.Guidance` whose answer is known: photometric loss against the reference
+    rendered (our rasterizer, unlit) from the same cameras over the same backgrounds.
+
+    The renders stand in for what SDS would "imagine"; nothing else in stage 1 changes.
+    """
+
+    def __init__(self, ref: Reference, device: torch.device, kind: str = "mse", weight: float = 1.0):
+        self.mesh = ref.mesh
+        self.texture = torch.from_numpy(ref.texture).to(device)  # [S, S, 3]
+        self.kind = kind
+        self.weight = weight
+        self.calls = 0
+
+    def target(self, cams, backgrounds: Tensor) -> Tensor:  # [B, 3] → [B, 3, H, W]
+        from tdgen.raster import render_mesh
+
+        with torch.no_grad():
+            rgb, _ = render_mesh(self.mesh, self.texture, cams, backgrounds)  # [B, H, W, 3]
+        return rgb.permute(0, 3, 1, 2)
+
+    def loss(self, images: Tensor, cams, backgrounds: Tensor, progress: float) -> Tensor:
+        """images [B, 3, H, W] in [0, 1] (differentiable), backgrounds [B, 3] → scalar."""
+        self.calls += 1
+        target = self.target(cams, backgrounds).to(images)
+        if target.shape[-2:] != images.shape[-2:]:
+            target = F.interpolate(target, images.shape[-2:], mode="area")
+        if self.kind == "l1":
+            return self.weight * (images - target).abs().mean()
+        return self.weight * F.mse_loss(images, target)
+
+
+def run_case_b(ref: Reference, cfg: Config, workdir: Path, device: torch.device) -> tuple[Path, dict]:
+    """Sphere init → `optimize_gaussians` with the oracle → `.ply` → `pipeline.mesh_from_splat`."""
+    from tdgen.gaussians import save_ply
+    from tdgen.optimize import optimize_gaussians
+    from tdgen.pipeline import mesh_from_splat
+    from tdgen.runtime import make_generator
+
+    oracle = OracleGuidance(ref, device)
+    t0 = time.perf_counter()
+    s1 = optimize_gaussians(oracle, cfg.stage1, device, make_generator(cfg.seed, device))
+    t_stage1 = time.perf_counter() - t0
+    ply = workdir / f"{ref.name}_B.ply"
+    save_ply(s1.gaussians.detach().to("cpu"), ply)
+    out = workdir / f"{ref.name}_B.glb"
+    res = mesh_from_splat(ply, cfg, out, device=device)
+    losses = s1.losses
+    first = float(np.mean(losses[: max(1, len(losses) // 10)]))
+    last = float(np.mean(losses[-max(1, len(losses) // 10):]))
+    return out, {"stage1": t_stage1, **res.timings, "n_gaussians": s1.gaussians.num,
+                 "loss_first": first, "loss_last": last, "oracle_calls": oracle.calls}
+
+
+# ---------------------------------------------------------------------------------------------
+# Alignment: the export's own normalisation
+
+
+def export_normalisation(vertices: np.ndarray, height: float) -> tuple[np.ndarray, float]:
+    """(pivot [3], scale) that `export_glb` applies: v' = (v − pivot)·scale puts the bottom centre
+    of the bounding box at the origin and makes the asset `height` tall."""
+    lo, hi = vertices.min(0).astype(np.float64), vertices.max(0).astype(np.float64)
+    pivot = np.array([(lo[0] + hi[0]) / 2, lo[1], (lo[2] + hi[2]) / 2])
+    return pivot, height / max(hi[1] - lo[1], 1e-12)
+
+
+def read_glb_in_reference_frame(glb: Path, ref: Reference, height: float) -> tuple[Mesh, np.ndarray]:
+    """The exported asset mapped into the reference's world frame by the inverse of the
+    normalisation the export applies to the *reference* — the only alignment allowed."""
+    mesh, tex = load_textured(glb)
+    pivot, scale = export_normalisation(ref.mesh.vertices, height)
+    v = mesh.vertices.astype(np.float64) / scale + pivot
+    return Mesh(v.astype(np.float32), mesh.faces, mesh.normals, mesh.uvs), tex
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+def _surface_samples(mesh: Mesh, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    import trimesh
+
+    tm = trimesh.Trimesh(mesh.vertices, mesh.faces, process=False)
+    pts, fidx = trimesh.sample.sample_surface(tm, n, seed=seed)
+    return pts, np.asarray(tm.face_normals)[fidx]  # [n, 3], [n, 3]
+
+
+def geometry_metrics(pred: Mesh, ref: Mesh, n: int = 50_000, seed: int = 0) -> dict[str, float]:
+    """Chamfer-L1 (mean of both directions) and F-score at τ, both relative to the reference's
+    bounding-box diagonal; normal consistency |n·n'| (orientation-free, as in Occupancy Networks)
+    and normal agreement n·n' (signed: inverted winding shows up here)."""
+    from scipy.spatial import cKDTree
+
+    diag = float(np.linalg.norm(ref.vertices.max(0) - ref.vertices.min(0)))
+    p_pts, p_n = _surface_samples(pred, n, seed)
+    r_pts, r_n = _surface_samples(ref, n, seed + 1)
+    d_pr, i_pr = cKDTree(r_pts).query(p_pts)  # prediction → reference (accuracy)
+    d_rp, i_rp = cKDTree(p_pts).query(r_pts)  # reference → prediction (completeness)
+    tau = 0.01 * diag
+    precision = float((d_pr < tau).mean())
+    recall = float((d_rp < tau).mean())
+    fscore = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    dots = np.concatenate([(p_n * r_n[i_pr]).sum(1), (r_n * p_n[i_rp]).sum(1)])
+    return {
+        "chamfer": float(0.5 * (d_pr.mean() + d_rp.mean()) / diag),
+        "fscore": fscore,
+        "precision": precision,
+        "recall": recall,
+        "normal_consistency": float(np.abs(dots).mean()),
+        "normal_agreement": float(dots.mean()),
+    }
+
+
+def held_out_cameras(cfg: Config, resolution: int, device: torch.device):
+    from tdgen.render import orbit_cameras
+
+    el, az = np.meshgrid(HELD_OUT_ELEVATIONS, HELD_OUT_AZIMUTHS, indexing="ij")
+    return orbit_cameras(el.ravel(), az.ravel(), cfg.stage1.camera_radius, cfg.stage1.fovy,
+                         resolution, resolution, device)
+
+
+def view_metrics(pred: Mesh, pred_tex: np.ndarray, ref: Reference, cams) -> tuple[dict[str, float], Tensor, Tensor]:
+    """Mask IoU and PSNR of unlit textured renders: `psnr` over the union of both silhouettes
+    (shape and colour errors), `psnr_masked` over their intersection (texture only)."""
+    from tdgen.raster import render_mesh
+
+    bg = torch.tensor(METRIC_BACKGROUND, device=cams.device).expand(len(cams), 3)
+    p_rgb, p_a = render_mesh(pred, torch.from_numpy(pred_tex).to(cams.device), cams, bg)
+    r_rgb, r_a = render_mesh(ref.mesh, torch.from_numpy(ref.texture).to(cams.device), cams, bg)
+    pm, rm = p_a[..., 0] > 0.5, r_a[..., 0] > 0.5  # [C, H, W]
+    union, inter = pm | rm, pm & rm
+    err = (p_rgb - r_rgb).pow(2).mean(-1)  # [C, H, W]
+
+    def psnr(mask: Tensor) -> float:
+        if not bool(mask.any()):
+            return 0.0
+        mse = float(err[mask].mean())
+        return 10 * math.log10(1.0 / max(mse, 1e-10))
+
+    iou = float(inter.sum() / union.sum().clamp_min(1))
+    return {"mask_iou": iou, "psnr": psnr(union), "psnr_masked": psnr(inter)}, p_rgb, r_rgb
+
+
+def measure(glb: Path, ref: Reference, cfg: Config, sizes: Sizes, device: torch.device,
+            image_path: Path | None = None) -> dict[str, float]:
+    """Every metric of one exported asset against its reference."""
+    pred, tex = read_glb_in_reference_frame(glb, ref, cfg.export.height)
+    out = geometry_metrics(pred, ref.mesh, sizes.metric_points, seed=cfg.seed)
+    cams = held_out_cameras(cfg, sizes.metric_resolution, device)
+    views, p_rgb, r_rgb = view_metrics(pred, tex, ref, cams)
+    out.update(views)
+    raw, _ = load_textured(glb)
+    out["glb_height"] = float(np.ptp(raw.vertices[:, 1]))
+    out["triangles"] = int(len(pred.faces))
+    if image_path is not None:
+        save_comparison(p_rgb, r_rgb, image_path)
+    return out
+
+
+def save_comparison(pred_rgb: Tensor, ref_rgb: Tensor, path: Path) -> None:
+    """Reference renders on the top row, the reconstruction below (first 8 held-out views)."""
+    from PIL import Image
+
+    from tdgen.io import atomic_path
+
+    rows = [torch.cat(list(x[:8].cpu()), dim=1) for x in (ref_rgb, pred_rgb)]
+    img = (torch.cat(rows, dim=0).clamp(0, 1).numpy() * 255 + 0.5).astype(np.uint8)
+    with atomic_path(path) as tmp:
+        Image.fromarray(img).save(tmp, format="PNG")
+
+
+def check_thresholds(case: str, metrics: dict[str, float]) -> list[str]:
+    """Names of the smoke thresholds `metrics` misses, e.g. ['chamfer 0.031 !< 0.02']."""
+    failed = []
+    for key, (op, limit) in SMOKE_THRESHOLDS[case].items():
+        v = metrics.get(key)
+        ok = v is not None and (v < limit if op == "<" else v > limit)
+        if not ok:
+            failed.append(f"{key} {v if v is None else round(v, 4)} !{op} {limit}")
+    return failed
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+
+
+def run(refs: list[Reference], cases: list[str], cfg: Config, sizes: Sizes, device: torch.device,
+        workdir: Path, smoke: bool, images: bool = False) -> list[dict[str, Any]]:
+    rows = []
+    for ref in refs:
+        for case in cases:
+            log(f"[quality] case {case} · {ref.name} …")
+            t0 = time.perf_counter()
+            row: dict[str, Any] = {"case": case, "object": ref.name}
+            try:
+                if case == "A":
+                    glb, timings = run_case_a(ref, cfg, sizes, workdir, device)
+                else:
+                    glb, timings = run_case_b(ref, cfg, workdir, device)
+                img = workdir / f"{ref.name}_{case}.compare.png" if images else None
+                row.update(measure(glb, ref, cfg, sizes, device, img))
+                row["timings"] = {k: round(v, 3) for k, v in timings.items() if not k.startswith("n_")
+                                  and isinstance(v, float)}
+                row["counts"] = {k: v for k, v in timings.items() if k not in row["timings"]}
+                row["glb"] = str(glb)
+            except Exception as e:  # one broken case must not hide the others' numbers
+                row["error"] = f"{type(e).__name__}: {e}"
+            row["seconds"] = round(time.perf_counter() - t0, 2)
+            if smoke:
+                row["failed"] = [row["error"]] if "error" in row else check_thresholds(case, row)
+                row["passed"] = not row["failed"]
+            log(f"[quality]   done in {row['seconds']} s")
+            rows.append(row)
+    return rows
+
+
+TABLE = [
+    ("case", "case", ""), ("object", "object", ""), ("chamfer", "chamfer/diag", ".4f"),
+    ("fscore", "F@1%", ".3f"), ("normal_consistency", "NC", ".3f"), ("normal_agreement", "NC±", ".3f"),
+    ("mask_iou", "IoU", ".3f"), ("psnr", "PSNR", ".2f"), ("psnr_masked", "PSNR∩", ".2f"),
+    ("triangles", "tris", ""), ("seconds", "s", ".1f"), ("status", "status", ""),
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="CI-sized CPU run with thresholds checked")
+    ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    ap.add_argument("--ref", action="append", default=[], metavar="PATH",
+                    help="textured .glb/.obj to use as a reference (repeatable)")
+    ap.add_argument("--objects", default=None,
+                    help=f"built-in references, comma-separated (default: all of {','.join(BUILDERS)}; "
+                         "none when --ref is given)")
+    ap.add_argument("--cases", default="A,B", help="A (stage 2 alone), B (oracle pipeline), or A,B")
+    ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    ap.add_argument("--workdir", type=Path, default=None, help="keep outputs here (default: a temp dir)")
+    ap.add_argument("--images", action="store_true", help="write reference-vs-result PNGs in --workdir")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    args = ap.parse_args(argv)
+
+    from tdgen.runtime import resolve_device
+
+    set_threads(args.threads)
+    device = resolve_device(args.device)
+    cases = [c.strip().upper() for c in args.cases.split(",") if c.strip()]
+    if not cases or any(c not in ("A", "B") for c in cases):
+        ap.error(f"--cases must list A and/or B, got {args.cases!r}")
+    names = args.objects.split(",") if args.objects else ([] if args.ref else list(BUILDERS))
+    refs = [build_reference(n.strip()) for n in names if n.strip()] + [load_reference(p) for p in args.ref]
+    if not refs:
+        ap.error("nothing to measure: give --objects or --ref")
+    cfg = quality_config(args.smoke, device)
+    sizes = SMOKE_SIZES if args.smoke else FULL_SIZES
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="tdgen-quality-") as tmp:
+        workdir = args.workdir or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        rows = run(refs, cases, cfg, sizes, device, workdir, args.smoke, images=args.images)
+    for r in rows:
+        r["status"] = "ERROR" if "error" in r else ("ok" if r.get("passed", True) else "FAIL")
+    print(format_table(rows, TABLE), file=sys.stderr)
+    for r in rows:
+        for f in r.get("failed", []) or ([r["error"]] if "error" in r else []):
+            print(f"  {r['case']}/{r['object']}: {f}", file=sys.stderr)
+    report = {
+        "benchmark": "quality",
+        "smoke": args.smoke,
+        "environment": environment(device),
+        "thresholds": SMOKE_THRESHOLDS if args.smoke else None,
+        "config": {"stage1_steps": cfg.stage1.steps, "stage1_resolution": cfg.stage1.resolution,
+                   "mesh_grid": cfg.mesh.grid, "texture_size": cfg.texture.size,
+                   "surface_gaussians": sizes.surface_gaussians,
+                   "metric_resolution": sizes.metric_resolution},
+        "results": rows,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    if args.json:
+        print(to_json(report))
+    bad = any("error" in r for r in rows) or (args.smoke and not all(r.get("passed") for r in rows))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,313 @@
+"""The `tdgen` command: parse, call the library, print. Rich goes to stderr, JSON to stdout."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from tdgen import __version__
+from tdgen.errors import TdgenError
+
+app = typer.Typer(
+    name="tdgen",
+    help="Game-ready textured 3D assets (.glb) from a text prompt.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+T = TypeVar("T")
+
+PresetOpt = typer.Option("standard", "--preset", "-p", help="Preset: draft, standard or quality.")
+SetOpt = typer.Option(None, "--set", "-s", help="Override a setting: section.key=value (repeatable).")
+ConfigOpt = typer.Option(None, "--config", help="Start from a config TOML (e.g. one written beside an earlier output).")
+DeviceOpt = typer.Option("auto", "--device", help="auto, cuda or cpu.")
+JsonOpt = typer.Option(False, "--json", help="Print one JSON object on stdout (outputs, timings, counts).")
+ModelOpt = typer.Option(None, "--model", "-m", help="Hub id or local diffusers folder (sets model.id).")
+
+
+def _run(fn: Callable[[], T]) -> T:
+    """Turn a TdgenError into one red line and its exit code; real bugs keep their traceback."""
+    try:
+        return fn()
+    except TdgenError as e:
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/]")
+        raise typer.Exit(130) from None
+
+
+def _resolve(preset: str, sets: Optional[List[str]], config_file: Optional[Path], **shortcuts):
+    from tdgen.config import apply_overrides, load_toml_file, parse_set_args, resolve_config, with_shortcuts
+
+    cfg = resolve_config(preset)
+    if config_file is not None:
+        cfg = apply_overrides(cfg, load_toml_file(config_file), source=str(config_file))
+    cfg = with_shortcuts(cfg, **shortcuts)
+    if sets:
+        cfg = apply_overrides(cfg, parse_set_args(sets))
+    return cfg
+
+
+class _Bars:
+    """Rich progress bars on stderr, one per stage, fed by the library's Progress events."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.rich = RichProgress(
+            TextColumn("[bold]{task.description:<8}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(),
+            console=err,
+            transient=False,
+            disable=not enabled,
+        )
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self):
+        self.rich.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.rich.__exit__(*exc)
+
+    def __call__(self, p) -> None:
+        if not self.enabled:
+            return
+        info = []
+        if p.loss is not None:
+            info.append(f"loss {p.loss:.4g}")
+        if p.message:
+            info.append(p.message)
+        if p.stage not in self.tasks:
+            self.tasks[p.stage] = self.rich.add_task(p.stage, total=max(p.total, 1), info="")
+        self.rich.update(self.tasks[p.stage], completed=p.step, total=max(p.total, 1), info="  ".join(info))
+
+
+def _print_result(result, as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(result.to_json()))
+        return
+    for kind, path in result.outputs.items():
+        err.print(f"[green]wrote[/] {kind:<8} {path}")
+    total = result.timings.get("total")
+    counts = ", ".join(f"{k} {v}" for k, v in result.counts.items())
+    err.print(f"done in {total:.1f} s — {counts}" if total is not None else counts)
+
+
+def _version_cb(value: bool) -> None:
+    if value:
+        typer.echo(f"tdgen {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: bool = typer.Option(False, "--version", callback=_version_cb, is_eager=True, help="Print the version."),
+) -> None:
+    """Game-ready textured 3D assets (.glb) from a text prompt."""
+
+
+@app.command()
+def make(
+    prompt: str = typer.Argument(..., help='What to make, e.g. "a red wooden chair".'),
+    out: Path = typer.Option(..., "--out", "-o", help="Output .glb (or .ply for the stage-1 splat only)."),
+    preset: str = PresetOpt,
+    set_: Optional[List[str]] = SetOpt,
+    config_file: Optional[Path] = ConfigOpt,
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (sets seed)."),
+    model: Optional[str] = ModelOpt,
+    negative: Optional[str] = typer.Option(None, "--negative", help="Negative prompt."),
+    lods: Optional[int] = typer.Option(None, "--lods", help="Extra levels of detail: NAME_lod1.glb, …"),
+    device: str = DeviceOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Generate a textured .glb from a text prompt."""
+
+    def go():
+        from tdgen.pipeline import check_output_path, generate
+
+        cfg = _resolve(preset, set_, config_file, seed=seed, model=model, negative=negative, lods=lods)
+        check_output_path(out)
+        with _Bars(enabled=err.is_terminal or not as_json) as bars:
+            return generate(prompt, cfg, out, device=device, on_progress=bars)
+
+    _print_result(_run(go), as_json)
+
+
+@app.command()
+def mesh(
+    splat: Path = typer.Argument(..., help="A 3D Gaussian Splatting .ply (INRIA layout, SH degree 0–3)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output .glb."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Refine the texture towards this prompt (loads the model)."),
+    preset: str = PresetOpt,
+    set_: Optional[List[str]] = SetOpt,
+    config_file: Optional[Path] = ConfigOpt,
+    model: Optional[str] = ModelOpt,
+    lods: Optional[int] = typer.Option(None, "--lods", help="Extra levels of detail: NAME_lod1.glb, …"),
+    device: str = DeviceOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Turn a Gaussian splat .ply into a textured, UV-unwrapped .glb."""
+
+    def go():
+        from tdgen.pipeline import check_output_path, mesh_from_splat
+
+        cfg = _resolve(preset, set_, config_file, model=model, lods=lods)
+        check_output_path(out, (".glb",))
+        with _Bars(enabled=err.is_terminal or not as_json) as bars:
+            return mesh_from_splat(splat, cfg, out, device=device, prompt=prompt, on_progress=bars)
+
+    _print_result(_run(go), as_json)
+
+
+# BATCH-COMMAND (owned by tdgen/batch.py's author: parse, call tdgen.batch, print)
+@app.command()
+def batch(
+    source: Path = typer.Argument(..., help="A prompt list (.txt) or a TOML manifest (.toml)."),
+    out_dir: Path = typer.Option(Path("out"), "--out", "-o", help="Output folder (NAME.glb, NAME.tdgen.json, …)."),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Preset for every asset (default: the file's, else standard)."),
+    set_: Optional[List[str]] = SetOpt,
+    negative: Optional[str] = typer.Option(None, "--negative", help="Negative prompt for every asset."),
+    model: Optional[str] = ModelOpt,
+    only: Optional[List[str]] = typer.Option(None, "--only", help="Only these asset names (repeatable, or comma-separated)."),
+    force: bool = typer.Option(False, "--force", help="Regenerate every asset, even those that are up to date."),
+    device: str = DeviceOpt,
+    gpus: Optional[str] = typer.Option(None, "--gpus", help="One worker process per GPU, e.g. --gpus 0,1,2,3."),
+    backend: str = typer.Option("local", "--backend", help='local, or ray (pip install "tdgen\\[ray]"; honours RAY_ADDRESS).'),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Ray: number of actors (default: one per GPU, else 1)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON line per asset on stdout as it finishes, then a summary line."),
+) -> None:
+    """Generate every asset of a prompt list or manifest; only what changed is regenerated."""
+    from tdgen import batch as b
+    from tdgen.config import parse_set_args
+    from tdgen.errors import InputError
+
+    def go():
+        sets = parse_set_args(set_ or [])
+        if model is not None:
+            sets["model.id"] = model
+        gpu_list = [g.strip() for g in gpus.split(",") if g.strip()] if gpus else None
+        if gpu_list and not all(g.isdigit() for g in gpu_list):
+            raise InputError(f"--gpus {gpus!r}: expected GPU indices such as 0,1,2")
+        if backend not in ("local", "ray"):
+            raise InputError(f"--backend {backend!r}: use local or ray")
+        # Everything is parsed and every config resolved before the first asset starts.
+        assets = b.select_assets(b.plan_assets(b.load_batch_file(source), preset=preset, sets=sets, negative=negative), only)
+        with RichProgress(
+            TextColumn("[bold]{task.description:<24}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+            console=err, disable=not (err.is_terminal or not as_json),
+        ) as bars:
+            overall = bars.add_task("batch", total=len(assets), info="")
+            running: dict[str, int] = {}
+
+            def on_progress(name, p):
+                if name not in running:
+                    running[name] = bars.add_task(name[:24], total=1, info="")
+                loss = f" loss {p.loss:.4g}" if p.loss is not None else ""
+                bars.update(running[name], completed=p.step, total=max(p.total, 1), info=f"{p.stage}{loss} {p.message}")
+
+            def on_result(r):
+                if r.name in running:
+                    bars.remove_task(running.pop(r.name))
+                bars.advance(overall)
+                if as_json:
+                    typer.echo(json.dumps(r.to_json()))
+                    sys.stdout.flush()
+                colour = {"done": "green", "skipped": "dim", "failed": "red"}[r.status]
+                why = f" — {escape(r.reason)}" if r.status == "failed" else ""
+                bars.console.print(f"[{colour}]{r.status:<7}[/] {r.name} ({r.seconds:.1f} s){why}", highlight=False)
+
+            summary = b.run_batch(
+                assets, out_dir, force=force, device=device, gpus=gpu_list, backend=backend,
+                workers=workers, on_result=on_result, on_progress=on_progress,
+            )
+        if as_json:
+            typer.echo(json.dumps(summary.to_json()))
+        s = summary.to_json()
+        err.print(f"{s['done']} done, {s['skipped']} skipped, {s['failed']} failed in {summary.seconds:.1f} s → {out_dir}")
+        summary.raise_for_failures()
+
+    _run(go)
+
+
+@app.command()
+def presets(
+    show: Optional[str] = typer.Option(None, "--show", help="Print every setting of this preset with its documentation."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """List the presets, or show one in full."""
+
+    def go():
+        from tdgen.config import describe, load_preset, preset_names, resolve_config
+
+        if show is None:
+            rows = {name: load_preset(name) for name in preset_names()}
+            if as_json:
+                typer.echo(json.dumps(rows))
+                return
+            table = Table("preset", "changes from the defaults")
+            for name, changes in rows.items():
+                table.add_row(name, ", ".join(f"{k}={v}" for k, v in changes.items()) or "(the defaults)")
+            Console().print(table)
+            return
+        cfg = resolve_config(show)
+        changed = set(load_preset(show))
+        rows = describe(cfg)
+        if as_json:
+            typer.echo(json.dumps({key: {"value": value, "type": tp, "doc": doc} for key, value, tp, doc in rows}))
+            return
+        # TOML-shaped, so the output can be edited and passed back with --config
+        typer.echo(f"# preset {show}: settings marked * differ from the defaults")
+        section = ""
+        for key, value, tp, doc in rows:
+            sec, _, name = key.rpartition(".")
+            if sec != section:
+                section = sec
+                typer.echo(f"\n[{sec}]")
+            mark = "*" if key in changed else " "
+            typer.echo(f"{name} = {value}  #{mark} ({tp}) {doc}")
+
+    _run(go)
+
+
+@app.command()
+def doctor(
+    model: Optional[str] = ModelOpt,
+    kernels: bool = typer.Option(True, "--kernels/--no-kernels", help="Build/load gsplat's CUDA kernels (about a minute the first time)."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Check the GPU, gsplat's kernels, the model cache and free disk; each failure comes with its fix."""
+    from tdgen.doctor import run_checks
+
+    checks = _run(lambda: run_checks(model_id=model, kernels=kernels))
+    if as_json:
+        typer.echo(json.dumps([c.__dict__ for c in checks]))
+    else:
+        table = Table("check", "status", "detail", "fix")
+        for c in checks:
+            status = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[red]FAIL[/]"}[c.status]
+            table.add_row(c.name, status, c.detail, c.fix)
+        Console(stderr=True).print(table)
+    if any(c.status == "fail" for c in checks):
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,271 @@
+"""The one place that knows the stage order: prompt → splat → mesh → UV → texture → .glb.
+
+`generate` runs everything for a prompt; `mesh_from_splat` runs stage 2 on any INRIA-layout 3DGS
+`.ply`. Both take a loaded model (so a batch loads it once) and report through `on_progress`.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+import torch
+
+from tdgen import __version__
+from tdgen.config import Config, dump_toml
+from tdgen.errors import InputError
+from tdgen.io import atomic_write_text, sha256_file
+from tdgen.progress import Progress, ProgressFn, no_progress
+from tdgen.runtime import make_generator, resolve_device
+
+if TYPE_CHECKING:
+    from tdgen.gaussians import Gaussians
+    from tdgen.guidance import DiffusionModel, PromptEmbeddings
+
+OUTPUT_SUFFIXES = (".glb", ".ply")
+
+
+@dataclass
+class GenerateResult:
+    outputs: dict[str, Path] = field(default_factory=dict)
+    """What was written: glb, lods, preview, splat, config."""
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds per stage (and `total`)."""
+    counts: dict[str, int] = field(default_factory=dict)
+    """Gaussians, vertices, triangles, texels, steps."""
+    sha256: str = ""
+    """sha256 of the main output file (.glb, or .ply for a splat-only run)."""
+
+    def to_json(self) -> dict:
+        return {
+            "outputs": {k: str(v) for k, v in self.outputs.items()},
+            "timings": {k: round(v, 4) for k, v in self.timings.items()},
+            "counts": dict(self.counts),
+            "sha256": self.sha256,
+            "version": __version__,
+        }
+
+
+class _Timer:
+    """Wall-clock per stage; synchronises CUDA so GPU work is charged to the stage that did it."""
+
+    def __init__(self, device: torch.device, timings: dict[str, float]):
+        self.device = device
+        self.timings = timings
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+
+
+def check_output_path(out: Path, allowed: tuple[str, ...] = OUTPUT_SUFFIXES) -> Path:
+    """Fail before any work if the output path cannot be written."""
+    out = Path(out)
+    if out.suffix.lower() not in allowed:
+        raise InputError(
+            f"output {out} must end in {' or '.join(allowed)}; e.g. -o chair{allowed[0]}"
+        )
+    if out.exists() and out.is_dir():
+        raise InputError(f"output {out} is a folder; give a file name such as {out / ('asset' + allowed[0])}")
+    parent = out.parent if str(out.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise InputError(f"cannot write {out}: {parent} is not a folder")
+    return out
+
+
+def config_path_for(out: Path) -> Path:
+    """Where the resolved config of an output goes: NAME.config.toml beside it."""
+    return out.with_name(out.stem + ".config.toml")
+
+
+def generate(
+    prompt: str,
+    cfg: Config,
+    out: Path | str,
+    *,
+    device: str | torch.device = "auto",
+    model: "DiffusionModel | None" = None,
+    on_progress: ProgressFn = no_progress,
+) -> GenerateResult:
+    """Text → asset. `out` ending in `.glb` runs both stages; `.ply` stops after the splat."""
+    from tdgen.guidance import SDSGuidance, encode_prompt, load_model
+    from tdgen.gaussians import save_ply
+    from tdgen.optimize import optimize_gaussians
+
+    # 1. check inputs
+    if not prompt or not prompt.strip():
+        raise InputError("the prompt is empty; pass a description such as \"a red chair\"")
+    out = check_output_path(Path(out))
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    result = GenerateResult()
+    timer = _Timer(dev, result.timings)
+    t_start = time.perf_counter()
+
+    # 2. load the diffusion model (once per process when the caller passes one in)
+    if model is None:
+        on_progress(Progress("load", 0, 1, message=cfg.model.id))
+        with timer("load"):
+            model = load_model(cfg.model, dev)
+        on_progress(Progress("load", 1, 1))
+
+    # 3. encode the prompt once (view-dependent variants and the negative prompt)
+    with timer("encode"):
+        embeddings = encode_prompt(
+            model, prompt, negative=cfg.stage1.negative_prompt, view_prompts=cfg.stage1.view_prompts
+        )
+
+    # 4. stage 1: Gaussians optimised with score distillation
+    generator = make_generator(cfg.seed, dev)
+    guidance = SDSGuidance(model, embeddings, cfg.stage1, generator)
+    with timer("stage1"):
+        s1 = optimize_gaussians(guidance, cfg.stage1, dev, generator, on_progress=on_progress)
+    gaussians = s1.gaussians
+    result.counts["stage1_steps"] = s1.steps
+    result.counts["gaussians"] = gaussians.num
+
+    # 5. the splat itself
+    splat_path = out if out.suffix.lower() == ".ply" else out.with_suffix(".ply")
+    if out.suffix.lower() == ".ply" or cfg.export.splat:
+        with timer("splat"):
+            save_ply(gaussians.detach().to("cpu"), splat_path)
+        result.outputs["splat"] = splat_path
+
+    if out.suffix.lower() == ".ply":
+        result.sha256 = sha256_file(out)
+    else:
+        # 6. stage 2: mesh, UVs, texture, export
+        _stage2(gaussians, cfg, out, dev, model, embeddings, generator, timer, result, on_progress)
+
+    # 7. the resolved config beside the output
+    cfg_path = config_path_for(out)
+    atomic_write_text(cfg_path, dump_toml(cfg))
+    result.outputs["config"] = cfg_path
+    result.timings["total"] = time.perf_counter() - t_start
+    return result
+
+
+def mesh_from_splat(
+    ply: Path | str,
+    cfg: Config,
+    out: Path | str,
+    *,
+    device: str | torch.device = "auto",
+    model: "DiffusionModel | None" = None,
+    prompt: str | None = None,
+    on_progress: ProgressFn = no_progress,
+) -> GenerateResult:
+    """Any INRIA-layout 3DGS `.ply` → textured `.glb`. With a prompt, the texture is refined
+    against the diffusion model (loaded here unless passed in); without one it is baked only."""
+    from tdgen.gaussians import load_ply
+    from tdgen.guidance import encode_prompt, load_model
+
+    # 1. check inputs before any heavy work
+    out = check_output_path(Path(out), (".glb",))
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    result = GenerateResult()
+    timer = _Timer(dev, result.timings)
+    t_start = time.perf_counter()
+    with timer("read"):
+        gaussians = load_ply(ply)
+    result.counts["gaussians"] = gaussians.num
+
+    # 2. a model only when refinement can use it
+    embeddings = None
+    refine = prompt is not None and prompt.strip() != "" and cfg.texture.refine_steps > 0
+    if refine:
+        if model is None:
+            on_progress(Progress("load", 0, 1, message=cfg.model.id))
+            with timer("load"):
+                model = load_model(cfg.model, dev)
+            on_progress(Progress("load", 1, 1))
+        with timer("encode"):
+            embeddings = encode_prompt(
+                model, prompt, negative=cfg.stage1.negative_prompt, view_prompts=cfg.stage1.view_prompts
+            )
+    else:
+        model = None
+
+    # 3. stage 2
+    generator = make_generator(cfg.seed, dev)
+    _stage2(gaussians.to(dev), cfg, out, dev, model, embeddings, generator, timer, result, on_progress)
+
+    # 4. the resolved config beside the output
+    cfg_path = config_path_for(out)
+    atomic_write_text(cfg_path, dump_toml(cfg))
+    result.outputs["config"] = cfg_path
+    result.timings["total"] = time.perf_counter() - t_start
+    return result
+
+
+def _stage2(
+    gaussians: "Gaussians",
+    cfg: Config,
+    out: Path,
+    dev: torch.device,
+    model: "DiffusionModel | None",
+    embeddings: "PromptEmbeddings | None",
+    generator: torch.Generator,
+    timer: _Timer,
+    result: GenerateResult,
+    on_progress: ProgressFn,
+) -> None:
+    from tdgen.export import export_glb
+    from tdgen.mesh import extract_mesh
+    from tdgen.preview import write_preview
+    from tdgen.refine import refine_texture
+    from tdgen.texture import bake_texture
+    from tdgen.unwrap import unwrap_mesh
+
+    gaussians = gaussians.detach()
+
+    # a. density grid → marching cubes → clean → decimate
+    with timer("mesh"):
+        mesh = extract_mesh(gaussians, cfg.mesh, dev, on_progress=on_progress)
+
+    # b. UV atlas
+    on_progress(Progress("unwrap", 0, 1))
+    with timer("unwrap"):
+        mesh = unwrap_mesh(mesh, cfg.texture)
+    on_progress(Progress("unwrap", 1, 1))
+
+    # c. colours from the splat into the texture
+    with timer("bake"):
+        texture = bake_texture(gaussians, mesh, cfg.texture, dev, on_progress=on_progress)
+
+    # d. UV-space refinement against the diffusion model's img2img targets
+    if model is not None and embeddings is not None and cfg.texture.refine_steps > 0:
+        with timer("refine"):
+            texture = refine_texture(
+                mesh, texture, model, embeddings, cfg.texture, dev, generator, on_progress=on_progress
+            )
+
+    # e. the .glb (and LODs), then the preview people look at before importing
+    on_progress(Progress("export", 0, 1))
+    with timer("export"):
+        exported = export_glb(mesh, texture, cfg.export, out)
+    result.outputs["glb"] = out
+    for i, p in enumerate(exported.paths[1:], start=1):
+        result.outputs[f"lod{i}"] = p
+    if cfg.export.preview:
+        preview = out.with_name(out.stem + ".preview.png")
+        with timer("preview"):
+            write_preview(mesh, texture, preview)
+        result.outputs["preview"] = preview
+    on_progress(Progress("export", 1, 1))
+
+    result.counts["vertices"] = exported.vertices
+    result.counts["triangles"] = exported.triangles
+    result.counts["texture_size"] = exported.texture_size
+    result.counts["texels"] = exported.texture_size**2
+    result.sha256 = sha256_file(out)

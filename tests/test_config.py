@@ -1,0 +1,132 @@
+import tomllib
+from dataclasses import fields
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tdgen import config as C
+from tdgen.errors import ConfigError
+
+
+def test_standard_preset_is_the_code_defaults():
+    assert C.resolve_config("standard") == C.Config()
+    s1 = C.Config().stage1
+    # DreamGaussian's text-to-3D settings, as the issue asks
+    assert (s1.steps, s1.guidance_scale, s1.num_points, s1.resolution) == (500, 100.0, 5000, 512)
+    assert (s1.camera_radius, s1.fovy, s1.elevation_min, s1.elevation_max) == (2.5, 49.1, -30.0, 30.0)
+    assert (s1.t_max, s1.t_min) == (0.98, 0.02)
+
+
+@pytest.mark.parametrize("name", ["draft", "standard", "quality"])
+def test_presets_load_and_only_list_known_keys(name):
+    changes = C.load_preset(name)
+    cfg = C.resolve_config(name)
+    for key, value in changes.items():
+        section, k = key.split(".")
+        assert getattr(getattr(cfg, section), k) == value
+        # a preset lists only what differs from the defaults
+        assert getattr(getattr(C.Config(), section), k) != value
+
+
+def test_draft_is_lighter_than_quality():
+    d, q = C.resolve_config("draft"), C.resolve_config("quality")
+    assert d.stage1.steps < C.Config().stage1.steps < q.stage1.steps
+    assert d.mesh.triangles == 5000 and C.Config().mesh.triangles == 20000 and q.mesh.triangles == 50000
+
+
+def test_every_field_has_a_docstring():
+    for cls in C.SECTIONS.values():
+        docs = C.field_docs(cls)
+        missing = [f.name for f in fields(cls) if not docs.get(f.name)]
+        assert not missing, f"{cls.__name__} fields without a docstring: {missing}"
+    assert C.field_docs(C.Config)["seed"]
+
+
+def test_set_overrides_are_typed():
+    cfg = C.resolve_config(
+        "standard",
+        C.parse_set_args(["stage1.steps=300", "stage1.guidance_scale=7.5", "export.shading=lit",
+                          "stage1.view_prompts=false", "seed=42", "model.id=/tmp/m"]),
+    )
+    assert cfg.stage1.steps == 300 and isinstance(cfg.stage1.steps, int)
+    assert cfg.stage1.guidance_scale == 7.5
+    assert cfg.export.shading == "lit"
+    assert cfg.stage1.view_prompts is False
+    assert cfg.seed == 42 and cfg.model.id == "/tmp/m"
+
+
+@pytest.mark.parametrize(
+    "item, fragment",
+    [
+        ("nosection.steps=1", "valid sections: model, stage1, mesh, texture, export"),
+        ("stage1.nokey=1", "valid keys of [stage1]: steps"),
+        ("stage1.steps=abc", "expected an integer"),
+        ("stage1.steps=1.5", "expected an integer"),
+        ("stage1.guidance_scale=nan", "finite number"),
+        ("export.shading=pbr", "use one of unlit, lit"),
+        ("stage1.view_prompts=maybe", "true or false"),
+        ("texture.size=1000", "power of two"),
+        ("stage1.steps=0", "at least 1"),
+        ("bogus=1", "unknown setting"),
+        ("stage1.steps", "expected section.key=value"),
+    ],
+)
+def test_bad_settings_are_one_line_errors_with_the_choices(item, fragment):
+    with pytest.raises(ConfigError) as e:
+        C.resolve_config("standard", C.parse_set_args([item]))
+    msg = str(e.value)
+    assert fragment in msg
+    assert "\n" not in msg
+    assert e.value.exit_code == 2
+
+
+def test_unknown_preset_lists_the_valid_ones():
+    with pytest.raises(ConfigError, match="valid presets: draft, quality, standard"):
+        C.resolve_config("ultra")
+
+
+def test_dump_toml_round_trips(tmp_path):
+    cfg = C.resolve_config("quality", {"stage1.negative_prompt": 'blurry, "low" quality', "seed": 7})
+    path = tmp_path / "c.toml"
+    path.write_text(C.dump_toml(cfg))
+    tomllib.loads(path.read_text())  # valid TOML
+    again = C.apply_overrides(C.Config(), C.load_toml_file(path))
+    assert again == cfg
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        C.load_toml_file(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[stage1\nsteps=")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        C.load_toml_file(bad)
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text("[render]\nx = 1\n")
+    with pytest.raises(ConfigError, match="unknown section"):
+        C.load_toml_file(unknown)
+
+
+def test_with_shortcuts():
+    cfg = C.with_shortcuts(C.Config(), seed=3, model="m", negative="ugly", lods=2)
+    assert (cfg.seed, cfg.model.id, cfg.stage1.negative_prompt, cfg.export.lods) == (3, "m", "ugly", 2)
+    with pytest.raises(ConfigError):
+        C.with_shortcuts(C.Config(), lods=-1)
+
+
+@given(st.integers(min_value=1, max_value=10**6))
+def test_int_values_parse(n):
+    assert C.resolve_config(None, {"stage1.steps": str(n)}).stage1.steps == n
+
+
+@given(st.floats(min_value=-1e6, max_value=1e6, allow_nan=False))
+def test_float_values_parse(x):
+    assert C.resolve_config(None, {"stage1.guidance_scale": repr(x)}).stage1.guidance_scale == x
+
+
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40))
+def test_string_values_survive_toml(text):
+    cfg = C.resolve_config(None, {"stage1.negative_prompt": text})
+    again = C.apply_overrides(C.Config(), {"stage1.negative_prompt": tomllib.loads(C.dump_toml(cfg))["stage1"]["negative_prompt"]})
+    assert again.stage1.negative_prompt == text

@@ -1,0 +1,120 @@
+"""End to end on the CPU: the tiny random model through `tdgen make`, and `tdgen mesh` on a splat."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+from typer.testing import CliRunner
+
+from tdgen.cli import app
+from tdgen.config import load_toml_file
+from tdgen.gaussians import Gaussians, save_ply
+from tdgen.testing.gltf_validator import validate_glb
+
+runner = CliRunner()
+C0 = 0.28209479177387814
+
+
+def _tiny_args(tiny_config):
+    """The tiny_config fixture as --set arguments (the CLI path the user takes)."""
+    from tdgen.config import Config, dump_toml
+
+    import tomllib
+
+    flat = []
+    data = tomllib.loads(dump_toml(tiny_config))
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            continue
+        for k, v in values.items():
+            if getattr(getattr(Config(), section), k) != v:
+                flat += ["--set", f"{section}.{k}={str(v).lower() if isinstance(v, bool) else v}"]
+    return flat
+
+
+def _assert_valid_glb(path):
+    report = validate_glb(path)
+    assert report["numErrors"] == 0 and report["numWarnings"] == 0, report
+    scene = trimesh.load(path)
+    geom = next(iter(scene.geometry.values()))
+    assert geom.visual.uv is not None and len(geom.visual.uv) == len(geom.vertices)
+    assert geom.visual.material.baseColorTexture is not None
+    return scene
+
+
+def test_make_with_tiny_model_writes_glb_preview_config(tmp_path, tiny_config):
+    out = tmp_path / "chair.glb"
+    r = runner.invoke(app, ["make", "a red chair", "-o", str(out), "--preset", "draft", "--device", "cpu", "--json", *_tiny_args(tiny_config)])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(info["outputs"]) >= {"glb", "preview", "config", "splat"}
+    assert info["counts"]["triangles"] > 0 and info["timings"]["stage1"] > 0
+    scene = _assert_valid_glb(out)
+    lo, hi = scene.bounds
+    assert math.isclose(hi[1] - lo[1], 1.0, rel_tol=1e-3) and abs(lo[1]) < 1e-4  # 1 m tall, pivot at the bottom
+    assert (tmp_path / "chair.preview.png").stat().st_size > 0
+    cfg = load_toml_file(tmp_path / "chair.config.toml")
+    assert cfg["stage1.steps"] == tiny_config.stage1.steps
+    assert not list(tmp_path.glob(".tdgen-tmp-*"))
+
+
+def test_make_ply_only_stops_after_stage1(tmp_path, tiny_config):
+    from tdgen.gaussians import load_ply
+
+    out = tmp_path / "s.ply"
+    r = runner.invoke(app, ["make", "a cup", "-o", str(out), "--device", "cpu", *_tiny_args(tiny_config)])
+    assert r.exit_code == 0, r.output
+    assert load_ply(out).num > 0
+    assert not list(tmp_path.glob("*.glb"))
+
+
+def _two_colour_sphere(n=6000, radius=0.5, seed=0):
+    """Gaussians on a sphere: red where x > 0, blue where x < 0."""
+    g = torch.Generator().manual_seed(seed)
+    d = torch.randn(n, 3, generator=g)
+    d = d / d.norm(dim=1, keepdim=True)
+    rgb = torch.where(d[:, :1] > 0, torch.tensor([[1.0, 0.0, 0.0]]), torch.tensor([[0.0, 0.0, 1.0]]))
+    return Gaussians(
+        means=d * radius,
+        scales=torch.full((n, 3), math.log(0.03)),
+        quats=torch.tensor([[1.0, 0, 0, 0]]).repeat(n, 1),
+        opacities=torch.full((n,), 3.0),
+        sh0=(rgb - 0.5) / C0,
+        shN=torch.zeros(n, 0, 3),
+    )
+
+
+def test_mesh_command_half_red_half_blue(tmp_path):
+    from tdgen.meshdata import Mesh
+    from tdgen.raster import render_mesh
+    from tdgen.render import orbit_cameras
+
+    ply = tmp_path / "ball.ply"
+    save_ply(_two_colour_sphere(), ply)
+    out = tmp_path / "ball.glb"
+    r = runner.invoke(app, ["mesh", str(ply), "-o", str(out), "--preset", "draft", "--device", "cpu",
+                            "--set", "mesh.grid=64", "--set", "texture.size=128", "--set", "texture.bake_resolution=96",
+                            "--set", "texture.bake_views=10", "--set", "mesh.triangles=2000", "--set", "export.preview=false"])
+    assert r.exit_code == 0, r.output
+    scene = _assert_valid_glb(out)
+    geom = next(iter(scene.geometry.values()))
+    tex = torch.from_numpy(np.asarray(geom.visual.material.baseColorTexture.convert("RGB"), dtype=np.float32) / 255.0)
+    centre = (geom.bounds[0] + geom.bounds[1]) / 2
+    mesh = Mesh(
+        vertices=(geom.vertices - centre).astype(np.float32),
+        faces=np.asarray(geom.faces, dtype=np.int64),
+        normals=np.asarray(geom.vertex_normals, dtype=np.float32),
+        uvs=np.asarray(geom.visual.uv, dtype=np.float32),
+    )
+    # trimesh flips v on load (its UV origin is bottom-left); undo it to get back glTF's convention
+    mesh.uvs[:, 1] = 1.0 - mesh.uvs[:, 1]
+    cams = orbit_cameras(torch.tensor([0.0, 0.0]), torch.tensor([90.0, -90.0]), 3.0, 40.0, 64, 64)
+    rgb, alpha = render_mesh(mesh, tex, cams, torch.ones(2, 3))
+    for view, (want, other) in enumerate(((0, 2), (2, 0))):
+        covered = alpha[view, ..., 0] > 0.5
+        assert covered.sum() > 100
+        mean = rgb[view][covered].mean(0)
+        assert mean[want] > 0.6 and mean[other] < 0.3, (view, mean)
