@@ -76,17 +76,20 @@ def quality_config(smoke: bool, device: torch.device) -> Config:
         "draft",
         {
             **common,
-            "stage1.steps": 120,
+            # Case B: the CPU renderer costs about a second a step, so few steps and Gaussians,
+            # with faster colour and opacity learning rates to get there in time.
+            "stage1.steps": 60,
             "stage1.resolution": 64,
             "stage1.encode_resolution": 0,
-            "stage1.num_points": 1500,
-            "stage1.max_points": 6000,
-            "stage1.background": "random",
+            "stage1.num_points": 600,
+            "stage1.max_points": 3000,
+            "stage1.lr_color": 0.05,
+            "stage1.densify_every": 10,
             "mesh.grid": 64,
-            "mesh.triangles": 4000,
-            "texture.size": 256,
-            "texture.bake_views": 26,
-            "texture.bake_resolution": 128,
+            "mesh.triangles": 3000,
+            "texture.size": 128,
+            "texture.bake_views": 14,
+            "texture.bake_resolution": 96,
         },
     )
 
@@ -101,7 +104,7 @@ class Sizes:
     """Held-out render size (pixels, square)."""
 
 
-SMOKE_SIZES = Sizes(surface_gaussians=6000, metric_points=20_000, metric_resolution=128)
+SMOKE_SIZES = Sizes(surface_gaussians=2500, metric_points=20_000, metric_resolution=128)
 FULL_SIZES = Sizes(surface_gaussians=60_000, metric_points=100_000, metric_resolution=512)
 
 
@@ -110,11 +113,12 @@ FULL_SIZES = Sizes(surface_gaussians=60_000, metric_points=100_000, metric_resol
 
 
 def gaussians_on_surface(ref: Reference, n: int, seed: int = 0, flatness: float = 0.3,
-                         spread: float = 1.0, opacity: float = 0.95):
+                         spread: float = 1.0, opacity: float = 0.95, min_thickness: float = 0.0):
     """`n` Gaussians sampled area-uniformly on the reference, coloured by its texture.
 
     Each is a disc in the tangent plane: tangential std-dev `spread`·(mean sample spacing), normal
-    std-dev `flatness` times that, rotation taking local z to the face normal.
+    std-dev `flatness` times that but at least `min_thickness` (world units), rotation taking
+    local z to the face normal.
     """
     import trimesh
     from scipy.spatial.transform import Rotation
@@ -137,7 +141,7 @@ def gaussians_on_surface(ref: Reference, n: int, seed: int = 0, flatness: float 
     quats = Rotation.from_matrix(rot).as_quat(scalar_first=True)  # [N, 4] w-first
 
     sigma_t = spread * math.sqrt(tm.area / n)
-    log_s = np.log([sigma_t, sigma_t, flatness * sigma_t])
+    log_s = np.log([sigma_t, sigma_t, max(flatness * sigma_t, min_thickness)])
     return Gaussians(
         means=torch.from_numpy(pts).float(),
         scales=torch.tensor(log_s, dtype=torch.float32).repeat(n, 1),
@@ -154,7 +158,12 @@ def run_case_a(ref: Reference, cfg: Config, sizes: Sizes, workdir: Path, device:
     from tdgen.pipeline import mesh_from_splat
 
     ply = workdir / f"{ref.name}_A.ply"
-    save_ply(gaussians_on_surface(ref, sizes.surface_gaussians, seed=cfg.seed), ply)
+    # A shell thinner than about a voxel of the density grid is sampled with holes, the cavity
+    # fill then leaks and marching cubes adds an inner wall; SDS splats are never that thin.
+    extent = float(np.ptp(ref.mesh.vertices, axis=0).max())
+    voxel = extent / max(cfg.mesh.grid - 5, 1)
+    g = gaussians_on_surface(ref, sizes.surface_gaussians, seed=cfg.seed, min_thickness=0.75 * voxel)
+    save_ply(g, ply)
     out = workdir / f"{ref.name}_A.glb"
     res = mesh_from_splat(ply, cfg, out, device=device)
     return out, {**res.timings, **{f"n_{k}": v for k, v in res.counts.items()}}
@@ -168,10 +177,12 @@ class OracleGuidance:
     """A `tdgen.guidance.Guidance` whose answer is known: photometric loss against the reference
     rendered (our rasterizer, unlit) from the same cameras over the same backgrounds.
 
-    The renders stand in for what SDS would "imagine"; nothing else in stage 1 changes.
+    The renders stand in for what SDS would "imagine"; nothing else in stage 1 changes. L1 by
+    default: gsplat's densify threshold (`grow_grad2d` 2e-4) is calibrated on 3DGS's L1 loss, and
+    an MSE's gradients fade as the error shrinks, so densification would rarely fire.
     """
 
-    def __init__(self, ref: Reference, device: torch.device, kind: str = "mse", weight: float = 1.0):
+    def __init__(self, ref: Reference, device: torch.device, kind: str = "l1", weight: float = 1.0):
         self.mesh = ref.mesh
         self.texture = torch.from_numpy(ref.texture).to(device)  # [S, S, 3]
         self.kind = kind
@@ -222,20 +233,15 @@ def run_case_b(ref: Reference, cfg: Config, workdir: Path, device: torch.device)
 # Alignment: the export's own normalisation
 
 
-def export_normalisation(vertices: np.ndarray, height: float) -> tuple[np.ndarray, float]:
-    """(pivot [3], scale) that `export_glb` applies: v' = (v − pivot)·scale puts the bottom centre
-    of the bounding box at the origin and makes the asset `height` tall."""
-    lo, hi = vertices.min(0).astype(np.float64), vertices.max(0).astype(np.float64)
-    pivot = np.array([(lo[0] + hi[0]) / 2, lo[1], (lo[2] + hi[2]) / 2])
-    return pivot, height / max(hi[1] - lo[1], 1e-12)
-
-
 def read_glb_in_reference_frame(glb: Path, ref: Reference, height: float) -> tuple[Mesh, np.ndarray]:
     """The exported asset mapped into the reference's world frame by the inverse of the
     normalisation the export applies to the *reference* — the only alignment allowed."""
+    from tdgen.export import place_for_export
+
     mesh, tex = load_textured(glb)
-    pivot, scale = export_normalisation(ref.mesh.vertices, height)
-    v = mesh.vertices.astype(np.float64) / scale + pivot
+    # The export's own placement applied to the reference: exported = (v − offset)·scale.
+    offset, scale = place_for_export(ref.mesh.vertices, height)
+    v = mesh.vertices.astype(np.float64) / scale + offset
     return Mesh(v.astype(np.float32), mesh.faces, mesh.normals, mesh.uvs), tex
 
 
@@ -307,19 +313,26 @@ def view_metrics(pred: Mesh, pred_tex: np.ndarray, ref: Reference, cams) -> tupl
     return {"mask_iou": iou, "psnr": psnr(union), "psnr_masked": psnr(inter)}, p_rgb, r_rgb
 
 
-def measure(glb: Path, ref: Reference, cfg: Config, sizes: Sizes, device: torch.device,
-            image_path: Path | None = None) -> dict[str, float]:
-    """Every metric of one exported asset against its reference."""
-    pred, tex = read_glb_in_reference_frame(glb, ref, cfg.export.height)
+def measure_mesh(pred: Mesh, tex: np.ndarray, ref: Reference, cfg: Config, sizes: Sizes,
+                 device: torch.device, image_path: Path | None = None) -> dict[str, float]:
+    """Every metric of a textured mesh, already in the reference's frame, against the reference."""
     out = geometry_metrics(pred, ref.mesh, sizes.metric_points, seed=cfg.seed)
     cams = held_out_cameras(cfg, sizes.metric_resolution, device)
     views, p_rgb, r_rgb = view_metrics(pred, tex, ref, cams)
     out.update(views)
-    raw, _ = load_textured(glb)
-    out["glb_height"] = float(np.ptp(raw.vertices[:, 1]))
     out["triangles"] = int(len(pred.faces))
     if image_path is not None:
         save_comparison(p_rgb, r_rgb, image_path)
+    return out
+
+
+def measure(glb: Path, ref: Reference, cfg: Config, sizes: Sizes, device: torch.device,
+            image_path: Path | None = None) -> dict[str, float]:
+    """Every metric of one exported asset against its reference."""
+    pred, tex = read_glb_in_reference_frame(glb, ref, cfg.export.height)
+    out = measure_mesh(pred, tex, ref, cfg, sizes, device, image_path)
+    raw, _ = load_textured(glb)
+    out["glb_height"] = float(np.ptp(raw.vertices[:, 1]))  # should equal export.height
     return out
 
 

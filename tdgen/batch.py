@@ -41,17 +41,18 @@ import logging
 import os
 import queue as queue_mod
 import re
+import sys
 import time
 import tomllib
 import unicodedata
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
 from tdgen import __version__
-from tdgen.config import Config, ModelConfig, apply_overrides, resolve_config, to_dict
+from tdgen.config import Config, ModelConfig, resolve_config, to_dict
 from tdgen.errors import ConfigError, DeviceError, InputError, TdgenError
-from tdgen.io import TEMP_PREFIX, atomic_write_text, remove_stale_temps, sha256_file
+from tdgen.io import atomic_write_text, remove_stale_temps, sha256_file
 from tdgen.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -281,6 +282,16 @@ def _table_lines(text: str, table: str) -> list[int]:
     return [i for i, line in enumerate(_lines(text), start=1) if pattern.match(line)]
 
 
+def _key_line(lines: Sequence[str], key: str, start: int = 1, stop: int | None = None) -> int | None:
+    """First line in [start, stop) that assigns `key` (``key =``, ``"key" =``, ``key.x =``, ``[key]``)."""
+    k = re.escape(key)
+    pattern = re.compile(rf"""^\s*(?:(?:{k}|"{k}"|'{k}')\s*[=.]|\[\s*(?:asset\.)?{k}\s*\])""")
+    for i in range(start, min(stop or len(lines) + 1, len(lines) + 1)):
+        if pattern.match(lines[i - 1]):
+            return i
+    return None
+
+
 def _typed(value: Any, tp: type, key: str, where: str) -> Any:
     ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
     if not ok:
@@ -297,25 +308,35 @@ def parse_manifest(text: str, source: str = "<manifest>") -> list[AssetSpec]:
         m = re.search(r"line (\d+)", str(e))
         where = f"{source}:{m.group(1)}" if m else source
         raise InputError(f"{where}: not valid TOML ({e}); fix the file") from None
+    lines = _lines(text)
+    headers = _table_lines(text, "asset")
+
+    def top_where(key: str) -> str:
+        line = _key_line(lines, key, 1, headers[0] if headers else None)
+        return f"{source}:{line}" if line else source
+
     for key in data:
         if key not in MANIFEST_TOP_KEYS:
             raise InputError(
-                f"{source}: unknown top-level key {key!r}; valid keys: {', '.join(MANIFEST_TOP_KEYS)}"
+                f"{top_where(key)}: unknown top-level key {key!r}; valid keys: {', '.join(MANIFEST_TOP_KEYS)}"
             )
-    top_where = f"{source}"
-    preset = _typed(data["preset"], str, "preset", top_where) if "preset" in data else None
-    negative = _typed(data["negative"], str, "negative", top_where) if "negative" in data else None
-    seed_base = _typed(data["seed"], int, "seed", top_where) if "seed" in data else 0
-    top_sets = _flatten_sets(data["set"], top_where) if "set" in data else {}
+    preset = _typed(data["preset"], str, "preset", top_where("preset")) if "preset" in data else None
+    negative = _typed(data["negative"], str, "negative", top_where("negative")) if "negative" in data else None
+    seed_base = _typed(data["seed"], int, "seed", top_where("seed")) if "seed" in data else 0
+    top_sets = _flatten_sets(data["set"], top_where("set")) if "set" in data else {}
     assets = data.get("asset", [])
     if not isinstance(assets, list) or not assets or not all(isinstance(a, dict) for a in assets):
         raise InputError(f"{source}: no assets found; add [[asset]] tables with a prompt")
-    lines = _table_lines(text, "asset")
     specs = []
     for k, table in enumerate(assets):
-        where = f"{source}:{lines[k]}" if len(lines) == len(assets) else f"{source} (asset #{k + 1})"
+        # Header lines map to tables only when every asset is a [[asset]] block (not an inline array).
+        located = len(headers) == len(assets)
+        where = f"{source}:{headers[k]}" if located else f"{source} (asset #{k + 1})"
         for key in table:
             if key not in MANIFEST_ASSET_KEYS:
+                if located:
+                    nxt = headers[k + 1] if k + 1 < len(headers) else None
+                    where = f"{source}:{_key_line(lines, key, headers[k], nxt) or headers[k]}"
                 raise InputError(
                     f"{where}: unknown key {key!r} in [[asset]]; valid keys: {', '.join(MANIFEST_ASSET_KEYS)}"
                 )
@@ -362,35 +383,40 @@ def load_batch_file(path: str | os.PathLike) -> list[AssetSpec]:
 # Planning: configs and the inputs hash
 
 
-def model_key(mc: ModelConfig) -> dict[str, Any]:
-    """A cheap fingerprint of the weights a config will load, without loading them.
-
-    Uses `tdgen.guidance.model_source` when it exists. Otherwise: for a local folder, the size and
-    mtime of every file (not a content hash, so deciding skips never reads gigabytes); for a hub
-    id, the snapshot commit the local cache resolves the revision to, or the revision string
-    itself when the model is not cached yet.
-    """
-    with contextlib.suppress(ImportError, AttributeError):
-        from tdgen import guidance
-
-        return dict(guidance.model_source(mc))
-    key: dict[str, Any] = {"id": mc.id}
-    folder = Path(mc.id)
+def _weights_key(model_id: str, revision: str) -> dict[str, Any]:
+    key: dict[str, Any] = {"id": model_id}
+    folder = Path(model_id).expanduser()
     if folder.is_dir():
         key["id"] = str(folder.resolve())
         key["files"] = {
-            str(p.relative_to(folder)): f"{p.stat().st_size}:{p.stat().st_mtime_ns}"
+            p.relative_to(folder).as_posix(): f"{p.stat().st_size}:{p.stat().st_mtime_ns}"
             for p in sorted(folder.rglob("*"))
             if p.is_file()
         }
         return key
-    key["revision"] = mc.revision
+    key["revision"] = revision
     with contextlib.suppress(Exception):  # any cache oddity just means "not resolved"
         from huggingface_hub import try_to_load_from_cache
 
-        cached = try_to_load_from_cache(mc.id, "model_index.json", revision=mc.revision)
+        cached = try_to_load_from_cache(model_id, "model_index.json", revision=revision)
         if isinstance(cached, str):
             key["revision"] = Path(cached).parent.name  # .../snapshots/<commit>/model_index.json
+    return key
+
+
+def model_key(mc: ModelConfig) -> dict[str, Any]:
+    """A cheap fingerprint of the weights a config will load, without loading (or hashing) them.
+
+    A local folder: the size and mtime of every file — not their sha256 as `model.source` has,
+    so that deciding skips never reads gigabytes. A hub id: the snapshot commit the local cache
+    resolves the revision to (what `guidance.load_model` would load offline), or the revision
+    string itself while the model is not cached. Deliberately avoids importing
+    `tdgen.guidance` (torch + diffusers): an all-skipped rerun should take a second.
+    """
+    key = _weights_key(mc.id, mc.revision)
+    if mc.sds_encoder == "tiny":
+        # guidance loads the tiny encoder at its own "main", whatever the SD model's revision.
+        key["sds_encoder"] = _weights_key(mc.tiny_encoder_id, "main")
     return key
 
 
@@ -544,11 +570,9 @@ def _free_accelerator() -> None:
     # After an OOM the failed asset's tensors are only garbage once its frames are gone; collect
     # them, then hand the cached blocks back so the next asset starts from an empty GPU.
     gc.collect()
-    with contextlib.suppress(Exception):
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    torch = sys.modules.get("torch")  # not imported yet: nothing can be cached on a GPU
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _default_generate(*args: Any, **kwargs: Any) -> Any:
@@ -559,8 +583,9 @@ def _default_generate(*args: Any, **kwargs: Any) -> Any:
 
 def _default_load_model(cfg: ModelConfig, device: Any) -> Any:
     from tdgen.guidance import load_model
+    from tdgen.runtime import resolve_device
 
-    return load_model(cfg, device)
+    return load_model(cfg, resolve_device(device) if isinstance(device, str) else device)
 
 
 class AssetRunner:
@@ -576,11 +601,12 @@ class AssetRunner:
         generate_fn: GenerateFn | None = None,
         load_model_fn: LoadModelFn | None = None,
     ):
-        self.device_name = device
+        # Passed on as a name: generate and load_model resolve it, and a worker that only skips
+        # or fails never pays for importing torch.
+        self.device = device
         self.generate_fn = generate_fn or _default_generate
         self.load_model_fn = load_model_fn or _default_load_model
-        self._device: Any = None
-        self._models: dict[tuple, Any] = {}
+        self._models: dict[ModelConfig, Any] = {}
 
     def _model(self, mc: ModelConfig) -> Any:
         # Keyed by the whole ModelConfig (id, revision, dtype, encoder, …): any of them changes the
@@ -590,7 +616,7 @@ class AssetRunner:
             self._models.clear()
             gc.collect()
             try:
-                self._models[mc] = self.load_model_fn(mc, self._device)
+                self._models[mc] = self.load_model_fn(mc, self.device)
             except Exception as e:
                 # Remember the failure: every asset on this model would fail the same way, and a
                 # missing model should not cost one slow hub lookup per asset.
@@ -610,10 +636,6 @@ class AssetRunner:
         out_dir = Path(out_dir)
         t0 = time.perf_counter()
         try:
-            if self._device is None:
-                from tdgen.runtime import resolve_device
-
-                self._device = resolve_device(self.device_name)
             # A stale sidecar must not survive a half-made asset (it would vouch for old files).
             sidecar_path(out_dir, asset.name).unlink(missing_ok=True)
             model = self._model(asset.cfg.model)
@@ -621,7 +643,7 @@ class AssetRunner:
                 asset.prompt,
                 asset.cfg,
                 out_dir / f"{asset.name}.glb",
-                device=self._device,
+                device=self.device,
                 model=model,
                 on_progress=on_progress or (lambda _p: None),
             )
@@ -640,11 +662,9 @@ class AssetRunner:
 
 
 def _is_oom(e: BaseException) -> bool:
-    with contextlib.suppress(Exception):
-        import torch
-
-        if isinstance(e, torch.cuda.OutOfMemoryError):
-            return True
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(e, torch.cuda.OutOfMemoryError):
+        return True
     return "out of memory" in str(e).lower()
 
 
@@ -662,12 +682,8 @@ def _run_local(assets, out_dir, device, generate_fn, load_model_fn, on_result, o
         on_result(runner.run(a, out_dir, lambda p, n=a.name: on_progress(n, p)))
 
 
-def _mp_worker(tasks, results, device, n_workers, generate_fn, load_model_fn) -> None:
+def _mp_worker(tasks, results, device, generate_fn, load_model_fn) -> None:
     """One process per GPU: pull assets until the None sentinel, send progress and results back."""
-    import torch
-
-    # Each process would otherwise take every core for its CPU-side ops; share them out.
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_workers))
     runner = AssetRunner(device, generate_fn, load_model_fn)
     try:
         while True:
@@ -692,24 +708,31 @@ def _run_processes(assets, out_dir, gpus, device, generate_fn, load_model_fn, on
     for a in assets:
         tasks.put((a, str(out_dir)))
     procs = []
-    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+    # A spawned child copies os.environ when it starts, i.e. before it imports torch: the only
+    # moment CUDA_VISIBLE_DEVICES (and torch's CPU thread count) reliably take effect.
+    child_env = {"CUDA_VISIBLE_DEVICES": None, "OMP_NUM_THREADS": None}
+    saved = {k: os.environ.get(k) for k in child_env}
+    if saved["OMP_NUM_THREADS"] is None:
+        # Each worker would otherwise take every core for its CPU-side work; share them out.
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(gpus)))
     try:
         for gpu in gpus:
             tasks.put(None)
             os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
             p = ctx.Process(
                 target=_mp_worker,
-                args=(tasks, results, device, len(gpus), generate_fn, load_model_fn),
+                args=(tasks, results, device, generate_fn, load_model_fn),
                 name=f"tdgen-gpu{gpu}",
                 daemon=True,
             )
             p.start()
             procs.append(p)
     finally:
-        if saved is None:
-            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-        else:
-            os.environ["CUDA_VISIBLE_DEVICES"] = saved
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     running: dict[int, str] = {}  # pid → asset name
     pending = {a.name for a in assets}
     try:
@@ -813,8 +836,26 @@ def run_batch(
 
     `gpus` (local backend) runs one spawned worker process per listed GPU; with ``device="cpu"``
     the same plumbing runs on CPU workers (for tests). `backend="ray"` uses one actor per GPU of
-    the cluster (or `workers` CPU actors). Ctrl-C removes temp files and re-raises.
+    the cluster (or `workers` CPU actors); on a multi-node cluster `out_dir` must be a folder
+    every node sees (shared storage), and tdgen must be installed on every node. Ctrl-C removes
+    temp files and re-raises.
     """
+    # 1. check arguments before touching the output folder
+    if backend not in ("local", "ray"):
+        raise InputError(f"unknown backend {backend!r}; use local or ray")
+    if backend == "ray" and gpus:
+        raise InputError("--gpus is for the local backend; with --backend ray, Ray assigns GPUs (use --workers)")
+    if backend == "local" and workers is not None:
+        raise InputError("--workers is for --backend ray; locally, use --gpus 0,1,… for one worker per GPU")
+    if gpus and device != "cpu":
+        import torch
+
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise DeviceError("--gpus was given but PyTorch sees no CUDA GPU; drop --gpus or use --device cpu")
+        bad = [g for g in gpus if not 0 <= int(g) < n]
+        if bad:
+            raise DeviceError(f"--gpus {','.join(map(str, bad))}: this machine has GPUs 0–{n - 1}; pick from those")
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"output folder {out_dir} is a file; pass a folder with -o")
@@ -822,13 +863,6 @@ def run_batch(
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise InputError(f"cannot create the output folder {out_dir} ({e.strerror}); choose another -o") from None
-    if gpus and device != "cpu":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise DeviceError("--gpus was given but PyTorch sees no CUDA GPU; drop --gpus or use --device cpu")
-    if backend not in ("local", "ray"):
-        raise InputError(f"unknown backend {backend!r}; use local or ray")
     on_result = on_result or (lambda _r: None)
     on_progress = on_progress or (lambda _n, _p: None)
     summary = BatchSummary()
@@ -838,7 +872,8 @@ def run_batch(
         summary.results.append(r)
         on_result(r)
 
-    remove_stale_temps(out_dir)  # left by a run that was killed mid-write
+    # 2. temp files a killed run left behind, then skip what is current, then make the rest
+    remove_stale_temps(out_dir)
     try:
         todo = []
         for a in assets:

@@ -77,7 +77,8 @@ def quat_to_rotmat(quats: Tensor) -> Tensor:  # [N, 4] w-first → [N, 3, 3]
     ).reshape(quats.shape[:-1] + (3, 3))
 
 
-def init_ball(num_points: int, radius: float, opacity: float, generator: torch.Generator) -> Gaussians:
+def init_ball(num_points: int, radius: float, opacity: float,
+              generator: torch.Generator) -> Gaussians:
     """`num_points` grey, isotropic Gaussians uniform in a ball (DreamGaussian's text-to-3D start).
 
     Each scale is the mean distance to the 3 nearest neighbours, as in 3DGS, so the ball starts
@@ -201,7 +202,8 @@ def load_ply(path: str | os.PathLike) -> Gaussians:
     rest = sorted(
         (int(m.group(1)), name) for name in prop_names if (m := re.fullmatch(r"f_rest_(\d+)", name))
     )
-    if [i for i, _ in rest] != list(range(len(rest))) or len(rest) % 3 or len(rest) // 3 not in _SH_REST:
+    numbered = [i for i, _ in rest] == list(range(len(rest)))
+    if not numbered or len(rest) % 3 or len(rest) // 3 not in _SH_REST:
         raise fail(
             f"has {len(rest)} f_rest_* properties (not 0, 9, 24 or 45 numbered from 0)",
             "export SH degree 0–3 with f_rest_0..f_rest_{3·K−1}",
@@ -272,7 +274,8 @@ def _parse_header(data: bytes, fail):
     return fmt, elements, nl + 1
 
 
-def _read_binary(data: bytes, start: int, fmt: str, elements, vi: int, fail) -> dict[str, np.ndarray]:
+def _read_binary(data: bytes, start: int, fmt: str, elements, vi: int,
+                 fail) -> dict[str, np.ndarray]:
     order = "<" if fmt == "binary_little_endian" else ">"
     offset = start
     for name, count, props in elements[:vi]:

@@ -6,8 +6,8 @@ One `DiffusionModel` is loaded per process (or batch worker) and shared by stage
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
-import logging
 import os
 import re
 import warnings
@@ -25,8 +25,6 @@ from tdgen.io import sha256_file
 
 if TYPE_CHECKING:
     from tdgen.render import Cameras
-
-log = logging.getLogger(__name__)
 
 COMPONENTS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
 WEIGHT_COMPONENTS = ("text_encoder", "vae", "unet")
@@ -52,7 +50,8 @@ class DiffusionModel:
     dtype: torch.dtype
     model_id: str
     source: dict
-    """{"id", "revision": resolved commit} for hub ids, {"id", "files": {relpath: sha256}} for folders."""
+    """{"id", "revision": resolved commit} for hub ids; {"id", "files": {relpath: sha256}} for
+    local folders."""
     tiny_vae: Any = None
     """AutoencoderTiny used as the SDS encoder when `ModelConfig.sds_encoder = "tiny"`."""
     cuda_graphs: bool = False
@@ -203,8 +202,9 @@ def _check_folder(folder: Path, model_id: str) -> None:
                     "safetensors; convert to safetensors with diffusers' save_pretrained("
                     "OUT, safe_serialization=True) and pass --model OUT")
             raise ModelNotFoundError(
-                f"model {model_id!r} has no safetensors weights in {comp}/; download the complete "
-                "model again or pass --model PATH to a complete diffusers folder")
+                f"model {model_id!r} has no safetensors weights in {comp}/ (tdgen refuses pickled "
+                f".bin/.ckpt weights); run 'hf download {model_id}' for a complete copy, or "
+                "convert the model to safetensors and pass --model PATH")
 
 
 _HASH_CACHE: dict[tuple[str, int, int], str] = {}
@@ -251,6 +251,24 @@ def _pretrained_kwargs() -> dict:
     return kw
 
 
+@contextlib.contextmanager
+def quiet_hf_progress():
+    """Silence transformers'/diffusers' tqdm bars (they would interleave with our own progress
+    output on stderr), restoring their previous state afterwards."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    saved = [(m, m.is_progress_bar_enabled()) for m in (tlog, dlog)]
+    for m, _ in saved:
+        m.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for m, was in saved:
+            if was:
+                m.enable_progress_bar()
+
+
 def load_model(cfg: ModelConfig, device) -> DiffusionModel:
     """Load a diffusers SD model from a hub id (cache first) or a local folder, frozen, in eval.
 
@@ -265,11 +283,12 @@ def load_model(cfg: ModelConfig, device) -> DiffusionModel:
     _check_folder(folder, cfg.id)
 
     kw = _pretrained_kwargs()
-    tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
-    text_encoder = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), dtype=dtype,
-                                                 use_safetensors=True)
-    vae = AutoencoderKL.from_pretrained(str(folder / "vae"), torch_dtype=dtype, **kw)
-    unet = UNet2DConditionModel.from_pretrained(str(folder / "unet"), torch_dtype=dtype, **kw)
+    with quiet_hf_progress():
+        tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
+        text_encoder = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), dtype=dtype,
+                                                     use_safetensors=True)
+        vae = AutoencoderKL.from_pretrained(str(folder / "vae"), torch_dtype=dtype, **kw)
+        unet = UNet2DConditionModel.from_pretrained(str(folder / "unet"), torch_dtype=dtype, **kw)
     # DDIM from the model's own config: SD ships a PNDM config with the same betas, and SDS only
     # needs the training schedule (ᾱ_t) plus a deterministic sampler for img2img.
     scheduler = DDIMScheduler.from_pretrained(str(folder), subfolder="scheduler")
@@ -302,8 +321,9 @@ def load_tiny_encoder(model_id: str, revision: str, dtype: torch.dtype):
         raise ModelNotFoundError(
             f"tiny encoder {model_id!r} has no config.json or safetensors weights; set "
             "model.tiny_encoder_id to an AutoencoderTiny folder or use model.sds_encoder=vae")
-    module = AutoencoderTiny.from_pretrained(str(folder), torch_dtype=dtype,
-                                             **_pretrained_kwargs())
+    with quiet_hf_progress():
+        module = AutoencoderTiny.from_pretrained(str(folder), torch_dtype=dtype,
+                                                 **_pretrained_kwargs())
     return module, source
 
 
@@ -334,7 +354,8 @@ def encode_prompt(model: DiffusionModel, prompt: str, negative: str = "",
     names = list(VIEW_SUFFIXES) if view_prompts else ["none"]
     texts = [negative] + [prompt + VIEW_SUFFIXES.get(n, "") for n in names]
     emb = encode_texts(model, texts)
-    return PromptEmbeddings(uncond=emb[:1], views={n: emb[i + 1:i + 2] for i, n in enumerate(names)})
+    views = {n: emb[i + 1:i + 2] for i, n in enumerate(names)}
+    return PromptEmbeddings(uncond=emb[:1], views=views)
 
 
 def wrap_azimuth(azimuth_deg: float) -> float:
@@ -436,12 +457,14 @@ def predict_noise_cfg(model: DiffusionModel, noisy: Tensor, t: Tensor, cond: Ten
     if out is None:
         out = _unet_eps(model, x_in, t_in, emb)
     out = out.float()
+    pred_u, pred_c = out[:b], out[b:]
+    pred = pred_u + guidance_scale * (pred_c - pred_u)
     if model.prediction_type == "v_prediction":
-        # ε = √ᾱ·v + √(1−ᾱ)·x_t (Salimans & Ho 2022).
-        ac = model.alphas_cumprod[t_in].view(-1, 1, 1, 1)
-        out = ac.sqrt() * out + (1 - ac).sqrt() * x_in.float()
-    eps_u, eps_c = out[:b], out[b:]
-    return eps_u + guidance_scale * (eps_c - eps_u)
+        # ε = √ᾱ·v + √(1−ᾱ)·x_t (Salimans & Ho 2022); linear in v, so converting after CFG
+        # equals converting both branches.
+        ac = model.alphas_cumprod[t].view(-1, 1, 1, 1)
+        pred = ac.sqrt() * pred + (1 - ac).sqrt() * noisy.float()
+    return pred
 
 
 # ---------------------------------------------------------------------------------------------

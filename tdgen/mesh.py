@@ -1,7 +1,7 @@
 """Stage 2a: splat → density grid → marching cubes → cleaned, decimated triangle mesh.
 
-The density is DreamGaussian's: d(x) = Σ_i α_i · exp(−½ (x − μ_i)ᵀ Σ_i⁻¹ (x − μ_i)), unnormalised, so
-the iso-level `MeshConfig.threshold = 1` means "about one opaque splat deep".
+The density is DreamGaussian's, d(x) = Σ_i α_i · exp(−½ (x − μ_i)ᵀ Σ_i⁻¹ (x − μ_i)), unnormalised,
+so the iso-level `MeshConfig.threshold = 1` means "about one opaque splat deep".
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ _SIGMAS = 3.0
 
 _PAD_VOXELS = 2
 """Empty voxels kept around the cloud's ±3σ box, so the iso-surface always closes."""
+
+_PAIRS_PER_PASS = {"cuda": 1 << 24, "cpu": 1 << 20}
+"""(Gaussian, voxel) pairs evaluated per batched pass: bounds the temporaries (~12 bytes a pair)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,9 +69,12 @@ def density_grid(
     voxel = extent / (grid - 1 - 2 * _PAD_VOXELS)
     origin = centre - 0.5 * (grid - 1) * voxel  # [3] world position of voxel (0, 0, 0)
 
-    # Σ⁻¹ in float64: thin splats have condition numbers ~1e6. Measured in voxel units, so the
-    # quadratic form below works on integer stencil offsets.
-    prec = (torch.linalg.inv(covs.double()) * voxel**2).float()  # [N, 3, 3]
+    # Σ⁻¹ in float64: thin splats have condition numbers ~1e6; a (voxel/100)² floor keeps a
+    # collapsed (zero-scale) splat invertible without visibly changing any other. Measured in
+    # voxel units, so the quadratic form below works on integer stencil offsets.
+    eye = torch.eye(3, device=device, dtype=torch.float64)
+    prec = torch.linalg.inv(covs.double() + (0.01 * voxel) ** 2 * eye)
+    prec = (prec * voxel**2).float()  # [N, 3, 3]
     u = (means - origin) / voxel  # [N, 3] continuous voxel coordinates
     base = torch.round(u).long()  # [N, 3] nearest voxel
     frac = u - base  # [N, 3] in [-0.5, 0.5]
@@ -94,7 +100,7 @@ def density_grid(
     fits = ((base - radius) >= 0).all(-1) & ((base + radius) < grid).all(-1)  # [N]
 
     flat = torch.zeros(grid**3, device=device, dtype=torch.float32)
-    budget = (1 << 24) if device.type == "cuda" else (1 << 20)  # (Gaussian, voxel) pairs per pass
+    budget = _PAIRS_PER_PASS["cuda" if device.type == "cuda" else "cpu"]
 
     keys, inverse = torch.unique(torch.cat([radius, fits[:, None].long()], -1), dim=0,
                                  return_inverse=True)
@@ -124,7 +130,8 @@ def density_grid(
                     inside = ((vox >= 0) & (vox < grid)).all(-1)
                     val, lin = val[inside], lin[inside]
                 flat.index_add_(0, lin.reshape(-1), val.reshape(-1))
-        on_progress(Progress("grid", k + 1, total, message=f"{len(ids)} splats, box {rx}×{ry}×{rz}"))
+        msg = f"{len(ids)} splats, box {rx}×{ry}×{rz}"
+        on_progress(Progress("grid", k + 1, total, message=msg))
     return flat.view(grid, grid, grid), origin, voxel
 
 
@@ -198,15 +205,18 @@ def extract_mesh(
     device = torch.device(device)
     with torch.no_grad():
         alphas = g.alpha().to(device)  # [N]
-        keep = alphas >= cfg.min_opacity
+        covs = g.covariances().to(device)  # [N, 3, 3]
+        means = g.means.to(device)  # [N, 3]
+        finite = torch.isfinite(means).all(-1) & torch.isfinite(covs).flatten(1).all(-1)
+        keep = (alphas >= cfg.min_opacity) & finite
         if int(keep.sum()) == 0:
             raise GenerationError(
                 f"the splat has no Gaussian above mesh.min_opacity={cfg.min_opacity} "
                 f"({g.num} in total); lower mesh.min_opacity or check the stage-1 result"
             )
-        means = g.means.to(device)[keep]
-        covs = g.covariances().to(device)[keep]
-        dens, origin, voxel = density_grid(means, covs, alphas[keep], cfg.grid, on_progress)
+        dens, origin, voxel = density_grid(
+            means[keep], covs[keep], alphas[keep], cfg.grid, on_progress
+        )
         dens = dens.cpu().numpy()
     origin = origin.cpu().numpy().astype(np.float64)
 
@@ -215,7 +225,8 @@ def extract_mesh(
     if not occupied.any():
         raise GenerationError(
             f"no surface: the splat density never reaches mesh.threshold={cfg.threshold} "
-            f"(peak {float(dens.max()):.3g}); lower mesh.threshold or check that the splat is not empty"
+            f"(peak {float(dens.max()):.3g}); lower mesh.threshold or check that the splat is not "
+            "empty"
         )
     dens[_fill_cavities(occupied)] = 2.0 * cfg.threshold + float(dens.max())
     # A zero layer round the lattice: density above the threshold at the border still closes.
@@ -234,7 +245,8 @@ def extract_mesh(
             "mesh.threshold"
         )
     on_progress(Progress("mesh", 2, 4, message=f"decimate {len(tm.faces)} → {cfg.triangles}"))
-    v, f = decimate(np.asarray(tm.vertices, np.float32), np.asarray(tm.faces, np.int64), cfg.triangles)
+    v = np.asarray(tm.vertices, np.float32)
+    v, f = decimate(v, np.asarray(tm.faces, np.int64), cfg.triangles)
     on_progress(Progress("mesh", 3, 4, message="normals"))
     mesh = Mesh(vertices=v.astype(np.float32), faces=f, normals=vertex_normals(v, f))
     on_progress(Progress("mesh", 4, 4, message=f"{mesh.num_faces} triangles"))

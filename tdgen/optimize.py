@@ -41,6 +41,13 @@ def _resolution(step: int, cfg: Stage1Config) -> int:
     return max(8, cfg.resolution // div)
 
 
+def position_lr(step: int, cfg: Stage1Config) -> float:
+    """Learning rate of the centres: exponential decay from lr_position at step 0 to
+    lr_position_final at the last step (3DGS's position schedule)."""
+    t = step / max(1, cfg.steps - 1)
+    return cfg.lr_position * (cfg.lr_position_final / cfg.lr_position) ** t
+
+
 def _backgrounds(n: int, cfg: Stage1Config, generator: torch.Generator, device) -> torch.Tensor:
     if cfg.background == "white":
         return torch.ones(n, 3, device=device)
@@ -73,8 +80,6 @@ def optimize_gaussians(guidance, cfg: Stage1Config, device, generator: torch.Gen
            "opacities": cfg.lr_opacity, "sh0": cfg.lr_color}
     # eps 1e-15 as in the 3DGS reference trainers: tiny gradients still move small splats.
     optimizers = {k: torch.optim.Adam([params[k]], lr=lrs[k], eps=1e-15) for k in params}
-    # Position lr decays exponentially from lr_position to lr_position_final (3DGS's schedule).
-    lr_ratio = cfg.lr_position_final / cfg.lr_position
 
     # 2. densifier
     strategy = DefaultStrategy(
@@ -87,7 +92,6 @@ def optimize_gaussians(guidance, cfg: Stage1Config, device, generator: torch.Gen
     )
     strategy.check_sanity(params, optimizers)
     state = strategy.initialize_state(scene_scale=SCENE_EXTENT)
-    empty_shN = torch.zeros(0, 0, 3, device=device)
 
     losses: list[float] = []
     bad = 0
@@ -101,15 +105,13 @@ def optimize_gaussians(guidance, cfg: Stage1Config, device, generator: torch.Gen
         torch.manual_seed(seed)
         for step in range(steps):
             # 3. views, render, loss
-            optimizers["means"].param_groups[0]["lr"] = cfg.lr_position * lr_ratio ** (
-                step / max(1, steps - 1)
-            )
+            optimizers["means"].param_groups[0]["lr"] = position_lr(step, cfg)
             res = _resolution(step, cfg)
             cams = sample_orbit_cameras(cfg.batch_size, cfg, res, generator).to(device)
             bgs = _backgrounds(cfg.batch_size, cfg, generator, device)  # [B, 3]
             n = len(params["means"])
             g = Gaussians(params["means"], params["scales"], params["quats"], params["opacities"],
-                          params["sh0"], empty_shN.expand(n, 0, 3))
+                          params["sh0"], params["sh0"].new_zeros(n, 0, 3))
             out = render_gaussians(g, cams, bgs, backend=backend)
             strategy.step_pre_backward(params, optimizers, state, step, out.info)
             images = out.rgb.permute(0, 3, 1, 2)  # [B, 3, H, W]
@@ -129,7 +131,8 @@ def optimize_gaussians(guidance, cfg: Stage1Config, device, generator: torch.Gen
                         f"stage 1 diverged: {bad} of {step + 1} steps gave a non-finite loss; "
                         "lower stage1.guidance_scale or the stage1 learning rates (lr_*)"
                     )
-                on_progress(Progress("stage1", step + 1, steps, None, f"{n} Gaussians, step skipped"))
+                on_progress(Progress("stage1", step + 1, steps, None,
+                                     f"{n} Gaussians, step skipped"))
                 continue
             losses.append(value)
             for opt in optimizers.values():

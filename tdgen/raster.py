@@ -54,52 +54,63 @@ class Raster:
 # The core: screen-space triangles → per-pixel winners
 
 
-def _edge_setup(xy: Tensor) -> tuple[Tensor, ...]:
+def _edge_setup(xy: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Per-triangle edge data for the inside test, oriented so that inside means `e >= 0`.
 
     xy: [T, 3, 2] pixel coordinates. Each edge i runs from vertex i to vertex i+1 and is
     evaluated from a canonical endpoint (the lexicographically smaller one): two triangles sharing
     an edge then compute bit-identical values of opposite sign, which the fill rule relies on.
+    Returns packed [T, 12] = (canonical start x, y | signed direction dx, dy) per edge, the fill
+    rule's tie-break [T, 3] and the doubled signed area [T].
     """
     a = xy
     b = xy.roll(-1, dims=1)  # [T, 3, 2] edge i: v_i → v_{i+1}
     swap = (a[..., 0] > b[..., 0]) | ((a[..., 0] == b[..., 0]) & (a[..., 1] > b[..., 1]))
     lo = torch.where(swap[..., None], b, a)
-    hi = torch.where(swap[..., None], a, b)
-    d = hi - lo  # [T, 3, 2]
+    d = torch.where(swap[..., None], a, b) - lo  # [T, 3, 2]
     flip = torch.where(swap, -1.0, 1.0).to(xy.dtype)
     # Doubled signed area = edge 0 evaluated at vertex 2, with the same canonical arithmetic.
     v2 = xy[:, 2]
     area = flip[:, 0] * (d[:, 0, 0] * (v2[:, 1] - lo[:, 0, 1]) - d[:, 0, 1] * (v2[:, 0] - lo[:, 0, 0]))
-    orient = torch.sign(area)  # [T]
-    sgn = flip * orient[:, None]  # [T, 3]
-    # Oriented edge direction; a pixel centre exactly on an edge is inside only for "top-left"
-    # edges (direction with dy > 0, or dy == 0 and dx < 0 in this orientation). The neighbour
-    # across a shared edge runs it the other way, so exactly one of the two takes the pixel.
-    dx = d[..., 0] * sgn
-    dy = d[..., 1] * sgn
-    tie = (dy > 0) | ((dy == 0) & (dx < 0))
-    return lo, d, sgn, tie, area
+    # Multiplying by ±1 is exact, so folding the orientation into d keeps the symmetry.
+    sd = d * (flip * torch.sign(area)[:, None])[..., None]
+    # A pixel centre exactly on an edge is inside only for "top-left" edges (oriented direction
+    # with dy > 0, or dy == 0 and dx < 0). The neighbour across a shared edge runs it the other
+    # way, so exactly one of the two takes the pixel: no double coverage, no crack.
+    tie = (sd[..., 1] > 0) | ((sd[..., 1] == 0) & (sd[..., 0] < 0))
+    packed = torch.cat((lo.reshape(-1, 6), sd.reshape(-1, 6)), dim=1)
+    return packed, tie, area
 
 
-def _edge_values(lo, d, sgn, t: Tensor, px: Tensor, py: Tensor) -> Tensor:
+def _edge_values(packed: Tensor, t: Tensor, px: Tensor, py: Tensor) -> Tensor:
     """Oriented edge functions [P, 3] of pixel centres (px + .5, py + .5) against triangles t [P]."""
-    cx = px.to(lo.dtype)[:, None] + 0.5
-    cy = py.to(lo.dtype)[:, None] + 0.5
-    lo_t = lo[t]  # [P, 3, 2]
-    d_t = d[t]
-    return sgn[t] * (d_t[..., 0] * (cy - lo_t[..., 1]) - d_t[..., 1] * (cx - lo_t[..., 0]))
+    pk = packed[t]  # [P, 12]
+    lx, ly = pk[:, 0:6:2], pk[:, 1:6:2]
+    dx, dy = pk[:, 6:12:2], pk[:, 7:12:2]
+    cx = px.to(pk.dtype)[:, None] + 0.5
+    cy = py.to(pk.dtype)[:, None] + 0.5
+    return dx * (cy - ly) - dy * (cx - lx)
+
+
+def _inside(e: Tensor, tie: Tensor, t: Tensor) -> Tensor:
+    """[P] bool: inside under the fill rule (the tie-break is looked up only for edge hits)."""
+    inside = (e > 0).all(dim=1)
+    edge = (e >= 0).all(dim=1) & ~inside
+    if bool(edge.any()):
+        ids = torch.nonzero(edge).squeeze(1)
+        ok = ((e[ids] > 0) | tie[t[ids]]).all(dim=1)
+        inside[ids] = ok
+    return inside
 
 
 def _bary(e: Tensor, inv_z: Tensor) -> tuple[Tensor, Tensor]:
     """Perspective-correct barycentrics [P, 3] and depth [P] from edge values and 1/z [P, 3]."""
     # Edge i is opposite vertex i+2, so vertex weights are (e1, e2, e0) / sum.
-    b = torch.stack((e[:, 1], e[:, 2], e[:, 0]), dim=1)
-    b = b / b.sum(dim=1, keepdim=True)
-    # 1/z is affine in screen space; weights for attributes are b_i / z_i renormalised.
+    b = e.roll(-1, dims=1)
+    # 1/z is affine in screen space; attribute weights are b_i / z_i renormalised.
     w = b * inv_z
     s = w.sum(dim=1, keepdim=True)
-    return w / s, 1.0 / s[:, 0]
+    return w / s, b.sum(dim=1) / s[:, 0]
 
 
 def _raster_core(
@@ -116,7 +127,7 @@ def _raster_core(
     device = xy.device
     xy = xy.float()
     z = z.float()
-    lo, d, sgn, tie, area = _edge_setup(xy)
+    packed, tie, area = _edge_setup(xy)
     inv_z = 1.0 / z
 
     # Pixel bounding box of each triangle: centres i + .5 within [min, max].
@@ -144,12 +155,13 @@ def _raster_core(
             nxt = nx[t]
             px = i0[t] + local % nxt
             py = j0[t] + torch.div(local, nxt, rounding_mode="floor")
-            e = _edge_values(lo, d, sgn, t, px, py)  # [P, 3]
-            inside = ((e > 0) | ((e == 0) & tie[t])).all(dim=1)
-            t, px, py, e = t[inside], px[inside], py[inside], e[inside]
-            if len(t) == 0:
+            e = _edge_values(packed, t, px, py)  # [P, 3]
+            keep = torch.nonzero(_inside(e, tie, t)).squeeze(1)
+            if len(keep) == 0:
                 continue
-            _, depth = _bary(e, inv_z[t])
+            t, px, py, e = t[keep], px[keep], py[keep], e[keep]
+            # Perspective-correct depth: 1/z interpolates linearly in screen space.
+            depth = e.sum(dim=1) / (e.roll(-1, dims=1) * inv_z[t]).sum(dim=1)
             depth = depth.clamp_min(0.0).contiguous()
             key = (depth.view(torch.int32).long() << 32) | t
             pix = (image[t] * height + py) * width + px
@@ -159,7 +171,7 @@ def _raster_core(
     t = buf[pix] & 0xFFFFFFFF
     px = pix % width
     py = torch.div(pix, width, rounding_mode="floor") % height
-    e = _edge_values(lo, d, sgn, t, px, py)
+    e = _edge_values(packed, t, px, py)
     bary, depth = _bary(e, inv_z[t])
     return pix, t, bary, depth
 

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+# Busy-waiting OpenMP threads make every op many times slower when other jobs share the 2 CPU
+# cores of a dev box or CI runner; must be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Tests must never reach the hub; a missing model must fail fast instead.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

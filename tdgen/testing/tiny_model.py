@@ -109,6 +109,8 @@ def write_tiny_model(path: str | Path, seed: int = SEED) -> Path:
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from tdgen.guidance import quiet_hf_progress
+
     import diffusers
 
     path = Path(path)
@@ -131,9 +133,10 @@ def write_tiny_model(path: str | Path, seed: int = SEED) -> Path:
         vae = AutoencoderKL(**TINY_VAE_CONFIG)
         unet = UNet2DConditionModel(**TINY_UNET_CONFIG)
 
-    text_encoder.save_pretrained(path / "text_encoder", safe_serialization=True)
-    vae.save_pretrained(path / "vae", safe_serialization=True)
-    unet.save_pretrained(path / "unet", safe_serialization=True)
+    with quiet_hf_progress():
+        text_encoder.save_pretrained(path / "text_encoder", safe_serialization=True)
+        vae.save_pretrained(path / "vae", safe_serialization=True)
+        unet.save_pretrained(path / "unet", safe_serialization=True)
     PNDMScheduler(**SD_SCHEDULER_CONFIG).save_pretrained(path / "scheduler")
 
     index = {

@@ -1,0 +1,369 @@
+"""Speed benchmark: the real pipeline on the full-size SD 2.1-base architecture (random weights).
+
+Cold start (model build, gsplat's JIT kernels, CUDA-graph capture, cuDNN autotuning) is reported
+apart: each preset's first `generate` is a warm-up and is excluded from the warm numbers. The
+warm runs are back-to-back `generate`s with the model loaded once, which also gives the batch
+throughput (assets per hour). Random weights have the real model's FLOPs and memory, so times
+transfer; the assets themselves are noise.
+
+    python benchmarks/speed.py --device cuda --presets draft,standard --json-out speed.json
+    python benchmarks/speed.py --device cuda --quick                 # fewer steps, same sizes
+    python benchmarks/speed.py --device cuda --sds-only              # ms per SDS step variants
+    python benchmarks/speed.py --device cpu --tiny [--sds-only]      # tiny model, seconds (tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from benchmarks.common import (
+    environment,
+    format_table,
+    log,
+    peak_memory_gib,
+    reset_peak_memory,
+    set_threads,
+    synchronize,
+    timed,
+    to_json,
+    write_json,
+)
+from tdgen.config import Config, resolve_config
+from tdgen.progress import Progress
+
+PROMPTS = ("a wooden chair", "a red fire hydrant", "a ceramic teapot", "a treasure chest",
+           "a potted cactus", "a viking helmet")
+"""Distinct prompts for the runs (the text does not change the cost; distinct seeds do not either,
+but they keep each run a fresh asset rather than a cached one)."""
+
+QUICK = {"stage1.steps": 60, "texture.refine_steps": 8}
+"""--quick: fewer iterations, same resolutions (per-step rates stay comparable)."""
+
+TINY = {
+    "stage1.steps": 6, "stage1.resolution": 64, "stage1.encode_resolution": 64,
+    "stage1.num_points": 400, "stage1.max_points": 2000, "mesh.grid": 48, "mesh.triangles": 800,
+    "texture.size": 64, "texture.bake_views": 6, "texture.bake_resolution": 64,
+    "texture.refine_steps": 2, "texture.refine_resolution": 64, "texture.refine_ddim_steps": 10,
+}
+"""--tiny: the sizes of the tests' `tiny_config` (CPU, seconds)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+
+
+def build_model(args, device: torch.device, workdir: Path):
+    """The benchmark model and how long it took: full-size random SD 2.1-base, or the tiny one."""
+    from tdgen.guidance import resolve_dtype
+
+    dtype = resolve_dtype(args.dtype, device)
+    if args.tiny:
+        from tdgen.config import ModelConfig
+        from tdgen.guidance import load_model
+        from tdgen.testing.tiny_model import write_tiny_model
+
+        def build():
+            folder = write_tiny_model(workdir / "tiny_model")
+            return load_model(ModelConfig(id=str(folder), dtype=args.dtype), device)
+    else:
+        from tdgen.testing.full_model import build_full_sd21_base
+
+        def build():
+            return build_full_sd21_base(device, dtype, cuda_graphs=not args.no_graphs)
+
+    return timed(build, device)
+
+
+def tiny_autoencoder(model, device: torch.device):
+    """An AutoencoderTiny for the SDS-encoder rows: TAESD-sized for the full model, a few channels
+    for the tiny one (its cost should stay negligible on CPU, like the rest of that model)."""
+    from tdgen.testing.full_model import build_tiny_autoencoder
+
+    if model.tiny_vae is not None:
+        return model.tiny_vae
+    if "random:" in model.model_id:
+        return build_tiny_autoencoder(device, model.dtype)
+    from diffusers import AutoencoderTiny
+
+    with torch.device(device):
+        ae = AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8),
+                             decoder_block_out_channels=(8, 8, 8, 8), num_encoder_blocks=(1, 1, 1, 1),
+                             num_decoder_blocks=(1, 1, 1, 1))
+    return torch.nn.Module.to(ae, dtype=model.dtype).eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipeline runs
+
+
+class SubStageClock:
+    """Charges wall time between progress events to the event that opened it.
+
+    Gives sub-stages the pipeline does not time itself (density grid vs marching cubes vs
+    decimation). Approximate on CUDA: only stage boundaries synchronise.
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._label: str | None = None
+        self._t = 0.0
+
+    @staticmethod
+    def label(p: Progress) -> str:
+        if p.stage == "mesh" and p.message:
+            # "decimate 41234 → 5000" → "mesh:decimate"
+            return "mesh:" + re.split(r"\s*\d", p.message, maxsplit=1)[0].strip()
+        return p.stage
+
+    def __call__(self, p: Progress) -> None:
+        now = time.perf_counter()
+        if self._label is not None:
+            self.seconds[self._label] = self.seconds.get(self._label, 0.0) + now - self._t
+        self._label, self._t = self.label(p), now
+
+    def close(self) -> dict[str, float]:
+        self(Progress("end", 0, 1))
+        self.seconds.pop("end", None)
+        return self.seconds
+
+
+def one_run(prompt: str, cfg: Config, out: Path, device: torch.device, model) -> dict[str, Any]:
+    from tdgen.pipeline import generate
+
+    clock = SubStageClock()
+    reset_peak_memory(device)
+    res, wall = timed(lambda: generate(prompt, cfg, out, device=device, model=model, on_progress=clock),
+                      device)
+    sub = clock.close()
+    steps = res.counts.get("stage1_steps", cfg.stage1.steps)
+    return {
+        "prompt": prompt,
+        "seconds": wall,
+        "timings": dict(res.timings),
+        "substages": {k: v for k, v in sub.items() if k.startswith("mesh:") or k == "grid"},
+        "counts": dict(res.counts),
+        "sds_steps_per_s": steps / res.timings["stage1"] if res.timings.get("stage1") else None,
+        "peak_gib": peak_memory_gib(device),
+    }
+
+
+def bench_preset(preset: str, args, device: torch.device, model, workdir: Path) -> dict[str, Any]:
+    sets: dict[str, Any] = {"model.id": model.model_id, "export.splat": False}
+    if args.tiny:
+        sets.update(TINY)
+    if args.quick:
+        sets.update({k: v for k, v in QUICK.items() if not args.tiny})
+    cfg = resolve_config(preset, sets)
+
+    log(f"[speed] {preset}: warm-up run (cold start: JIT kernels, graph capture)")
+    warm_up = one_run(PROMPTS[0], replace(cfg, seed=100), workdir / f"{preset}_warmup.glb", device, model)
+    runs = []
+    t0 = time.perf_counter()
+    for i in range(args.runs):
+        log(f"[speed] {preset}: run {i + 1}/{args.runs}")
+        prompt = PROMPTS[(i + 1) % len(PROMPTS)]
+        runs.append(one_run(prompt, replace(cfg, seed=i), workdir / f"{preset}_{i}.glb", device, model))
+    batch_wall = time.perf_counter() - t0
+
+    stages = sorted({k for r in runs for k in r["timings"]}, key=lambda k: (k == "total", k))
+    subs = sorted({k for r in runs for k in r["substages"]})
+    mean = lambda xs: statistics.fmean(xs) if xs else None  # noqa: E731
+    warm_total = mean([r["timings"]["total"] for r in runs])
+    return {
+        "preset": preset,
+        "config": {"stage1_steps": cfg.stage1.steps, "resolution": cfg.stage1.resolution,
+                   "encode_resolution": cfg.stage1.encode_resolution, "mesh_grid": cfg.mesh.grid,
+                   "triangles": cfg.mesh.triangles, "texture_size": cfg.texture.size,
+                   "refine_steps": cfg.texture.refine_steps, "quick": args.quick, "tiny": args.tiny},
+        "warm_up": warm_up,
+        "cold_overhead_s": warm_up["timings"]["total"] - warm_total if warm_total else None,
+        "runs": runs,
+        "stage_seconds": {k: mean([r["timings"][k] for r in runs if k in r["timings"]]) for k in stages},
+        "substage_seconds": {k: mean([r["substages"][k] for r in runs if k in r["substages"]]) for k in subs},
+        "total_s": warm_total,
+        "sds_steps_per_s": mean([r["sds_steps_per_s"] for r in runs if r["sds_steps_per_s"]]),
+        "peak_gib": max((r["peak_gib"] or 0.0) for r in runs) if device.type == "cuda" else None,
+        "batch": {"assets": len(runs), "seconds": batch_wall,
+                  "assets_per_hour": 3600 * len(runs) / batch_wall if batch_wall > 0 else None},
+    }
+
+
+def pipeline_table(results: list[dict[str, Any]]) -> str:
+    keys: list[str] = []
+    for r in results:
+        for k in list(r["stage_seconds"]) + [f"  {s}" for s in r["substage_seconds"]]:
+            if k not in keys and k != "total":
+                keys.append(k)
+    rows = []
+    for k in keys:
+        row = {"what": k}
+        for r in results:
+            src = r["substage_seconds"] if k.startswith("  ") else r["stage_seconds"]
+            row[r["preset"]] = src.get(k.strip())
+        rows.append(row)
+    extra = [
+        ("total to .glb (s)", "total_s"), ("SDS steps/s", "sds_steps_per_s"),
+        ("peak GPU memory (GiB)", "peak_gib"), ("cold overhead, first run (s)", "cold_overhead_s"),
+    ]
+    for label, key in extra:
+        rows.append({"what": label, **{r["preset"]: r[key] for r in results}})
+    rows.append({"what": "batch assets/hour", **{r["preset"]: r["batch"]["assets_per_hour"] for r in results}})
+    cols = [("what", "seconds (mean of warm runs)", "")] + [(r["preset"], r["preset"], ".3f") for r in results]
+    return format_table(rows, cols)
+
+
+# ---------------------------------------------------------------------------------------------
+# SDS micro-benchmark
+
+
+def sds_variants(device: torch.device, resolution: int) -> list[dict[str, Any]]:
+    """The rows the lead chooses defaults from: each differs from the first in one knob."""
+    # Stage 1 renders at 1/4, 1/2 and the full size (DreamGaussian's 128 → 256 → 512).
+    low = max(16, resolution // 2)
+    lowest = max(16, resolution // 4)
+    graphs = device.type == "cuda"
+    return [
+        {"name": "eager UNet, VAE, encode at render res", "graphs": False, "encoder": "vae",
+         "render": resolution, "encode": 0},
+        {"name": "CUDA graph UNet, VAE", "graphs": graphs, "encoder": "vae", "render": resolution, "encode": 0},
+        {"name": "CUDA graph UNet, tiny encoder", "graphs": graphs, "encoder": "tiny",
+         "render": resolution, "encode": 0},
+        {"name": f"render {low}, encode at {resolution}", "graphs": graphs, "encoder": "vae",
+         "render": low, "encode": resolution},
+        {"name": f"render {low}, encode at render res", "graphs": graphs, "encoder": "vae",
+         "render": low, "encode": 0},
+        {"name": f"render {lowest}, encode at {resolution}", "graphs": graphs, "encoder": "vae",
+         "render": lowest, "encode": resolution},
+        {"name": f"render {lowest}, encode at render res", "graphs": graphs, "encoder": "vae",
+         "render": lowest, "encode": 0},
+        {"name": f"render {lowest}, tiny encoder at render res", "graphs": graphs, "encoder": "tiny",
+         "render": lowest, "encode": 0},
+    ]
+
+
+def bench_sds(model, device: torch.device, resolution: int, steps: int, warmup: int) -> list[dict[str, Any]]:
+    """ms per SDS step (encoder forward, CFG UNet, encoder backward; no Gaussian render) per row."""
+    from tdgen.config import Stage1Config
+    from tdgen.guidance import SDSGuidance, encode_prompt
+    from tdgen.runtime import make_generator
+
+    emb = encode_prompt(model, PROMPTS[0])
+    tiny = tiny_autoencoder(model, device)
+    own_tiny, own_graphs = model.tiny_vae, model.cuda_graphs
+    rows = []
+    try:
+        for v in sds_variants(device, resolution):
+            model.cuda_graphs = v["graphs"]
+            model.tiny_vae = tiny if v["encoder"] == "tiny" else None
+            cfg = Stage1Config(encode_resolution=v["encode"])
+            sds = SDSGuidance(model, emb, cfg, make_generator(0, device))
+            gen = make_generator(1, device)
+            img = torch.rand(1, 3, v["render"], v["render"], generator=gen, device=device,
+                             requires_grad=True)  # [1, 3, H, W] stands in for a render
+            cams = SimpleNamespace(azimuth=torch.zeros(1, device=device),
+                                   elevation=torch.zeros(1, device=device))
+            bg = torch.ones(1, 3, device=device)
+
+            def step(i: int) -> None:
+                img.grad = None
+                sds.loss(img, cams, bg, (i % 100) / 100).backward()
+
+            reset_peak_memory(device)
+            _, cold = timed(lambda: [step(i) for i in range(warmup)], device)
+            _, sec = timed(lambda: [step(i) for i in range(steps)], device)
+            rows.append({**v, "encode": v["encode"] or v["render"], "ms_per_step": 1000 * sec / steps,
+                         "steps_per_s": steps / sec, "warmup_s": cold, "peak_gib": peak_memory_gib(device),
+                         "grad_finite": bool(torch.isfinite(img.grad).all())})
+            log(f"[speed] sds: {v['name']}: {rows[-1]['ms_per_step']:.2f} ms/step")
+    finally:
+        model.tiny_vae, model.cuda_graphs = own_tiny, own_graphs
+    return rows
+
+
+SDS_TABLE = [("name", "variant", ""), ("render", "render", ""), ("encode", "encode", ""),
+             ("ms_per_step", "ms/step", ".2f"), ("steps_per_s", "steps/s", ".1f"),
+             ("warmup_s", "warm-up s", ".2f"), ("peak_gib", "peak GiB", ".2f")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    ap.add_argument("--presets", default="draft,standard", help="comma-separated preset names")
+    ap.add_argument("--runs", type=int, default=2, help="warm runs per preset (also the batch size)")
+    ap.add_argument("--quick", action="store_true", help=f"fewer iterations ({QUICK})")
+    ap.add_argument("--tiny", action="store_true", help="the tiny random model at test sizes (CPU)")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"])
+    ap.add_argument("--no-graphs", action="store_true", help="pipeline runs without CUDA graphs")
+    ap.add_argument("--sds-only", action="store_true", help="only the per-step SDS micro-benchmark")
+    ap.add_argument("--sds-steps", type=int, default=None, help="timed SDS steps per row (default 30, tiny 3)")
+    ap.add_argument("--sds-resolution", type=int, default=None, help="SDS render size (default 512, tiny 64)")
+    ap.add_argument("--json-out", type=Path, default=None, help="write the report here as JSON")
+    ap.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    args = ap.parse_args(argv)
+    if args.runs < 1:
+        ap.error("--runs must be at least 1")
+
+    from tdgen.runtime import resolve_device
+
+    set_threads(args.threads)
+    device = resolve_device(args.device)
+    report: dict[str, Any] = {"benchmark": "speed", "environment": environment(device),
+                              "model": "tiny random (diffusers layout)" if args.tiny
+                              else "random-weight SD 2.1-base (full size)"}
+    t_all = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="tdgen-speed-") as tmp:
+        workdir = Path(tmp)
+        log("[speed] building the model …")
+        model, build_s = build_model(args, device, workdir)
+        report["cold_start"] = {"model_build_s": build_s}
+        report["dtype"] = str(model.dtype).removeprefix("torch.")
+        report["cuda_graphs"] = model.cuda_graphs
+
+        if args.sds_only:
+            res = args.sds_resolution or (64 if args.tiny else 512)
+            steps = args.sds_steps or (3 if args.tiny else 30)
+            rows = bench_sds(model, device, res, steps, warmup=1 if args.tiny else 5)
+            report["sds"] = {"resolution": res, "steps": steps, "rows": rows}
+            print(format_table(rows, SDS_TABLE), file=sys.stderr)
+        else:
+            presets = [p.strip() for p in args.presets.split(",") if p.strip()]
+            results = [bench_preset(p, args, device, model, workdir) for p in presets]
+            first = results[0]
+            # Everything a fresh process pays once before its first asset comes out at warm speed.
+            report["cold_start"]["first_run_overhead_s"] = first["cold_overhead_s"]
+            report["cold_start"]["total_s"] = build_s + (first["cold_overhead_s"] or 0.0)
+            report["presets"] = results
+            print(pipeline_table(results), file=sys.stderr)
+            print(f"cold start: model build {build_s:.2f} s + first-run overhead "
+                  f"{first['cold_overhead_s'] or 0.0:.2f} s", file=sys.stderr)
+    report["seconds"] = time.perf_counter() - t_all
+    if args.json_out:
+        write_json(args.json_out, report)
+        log(f"[speed] wrote {args.json_out}")
+    if args.json:
+        print(to_json(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""Stage 4: the textured mesh as a binary glTF (.glb), plus optional LODs.
+
+Written field by field with pygltflib (trimesh's exporter decides materials, names and flips for
+us). Axes are kept as the library world has them: +Y up, front toward +Z, which is glTF's own
+convention, so the one node carries no transform at all.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tdgen import __version__
+from tdgen.config import ExportConfig
+from tdgen.errors import GenerationError
+from tdgen.io import atomic_write_bytes
+from tdgen.meshdata import Mesh
+
+# glTF enums (spec §5): component types, buffer-view targets, sampler filters and wraps.
+_FLOAT, _UINT16, _UINT32 = 5126, 5123, 5125
+_ARRAY_BUFFER, _ELEMENT_ARRAY_BUFFER = 34962, 34963
+_LINEAR, _LINEAR_MIPMAP_LINEAR, _REPEAT = 9729, 9987, 10497
+_UNLIT = "KHR_materials_unlit"
+
+
+@dataclass
+class ExportResult:
+    paths: list[Path]
+    """The main .glb first, then NAME_lod1.glb, … ."""
+    triangles: int
+    """Triangles of the main .glb."""
+    vertices: int
+    """Vertices of the main .glb (seam vertices counted once per chart)."""
+    texture_size: int
+    """Edge of the embedded square base-colour texture, texels."""
+    height: float
+    """Height of the asset (y extent), metres."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+def texture_to_uint8(texture) -> np.ndarray:
+    """`[S, S, 3]` float in [0, 1] (tensor or array) or uint8 → contiguous uint8 `[S, S, 3]`."""
+    if hasattr(texture, "detach"):  # a torch tensor, without importing torch here
+        texture = texture.detach().cpu().numpy()
+    tex = np.asarray(texture)
+    if tex.ndim != 3 or tex.shape[2] != 3 or tex.shape[0] != tex.shape[1]:
+        raise ValueError(f"texture must be [S, S, 3], got {tuple(tex.shape)}")
+    size = tex.shape[0]
+    if size < 1 or size & (size - 1):
+        raise ValueError(f"texture size must be a power of two, got {size}")
+    if tex.dtype != np.uint8:
+        tex = np.round(np.clip(np.nan_to_num(tex.astype(np.float32)), 0.0, 1.0) * 255.0)
+    return np.ascontiguousarray(tex.astype(np.uint8))
+
+
+def encode_png(tex: np.ndarray) -> bytes:  # [S, S, 3] uint8, row 0 = top
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(tex, mode="RGB").save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def place_for_export(vertices: np.ndarray, height: float) -> tuple[np.ndarray, float]:
+    """Offset and uniform scale putting the pivot at the bottom centre and the y extent at `height`.
+
+    Returns (offset [3], scale): exported = (v − offset) · scale. x, z of the bounding-box centre go
+    to 0 and the lowest point to y = 0, so the asset stands on the ground at its origin.
+    """
+    v = vertices.astype(np.float64)
+    lo, hi = v.min(0), v.max(0)
+    extent = hi[1] - lo[1]
+    if not np.isfinite(extent) or extent <= 0:
+        raise GenerationError(
+            "the mesh has no height (all vertices at one y) so it cannot be scaled to "
+            "export.height; check the splat, or lower mesh.threshold"
+        )
+    offset = np.array([(lo[0] + hi[0]) / 2, lo[1], (lo[2] + hi[2]) / 2])
+    return offset, float(height) / float(extent)
+
+
+# ---------------------------------------------------------------------------------------------
+# LODs
+
+
+def decimate_keep_uvs(mesh: Mesh, target: int) -> Mesh:
+    """`mesh` decimated to about `target` triangles, every kept vertex carrying its own attributes.
+
+    UV seams are split vertices, i.e. open borders of the triangle soup; they are held fixed
+    (`preserve_border`) so the two sides of a seam cannot drift apart and open cracks. Each edge
+    collapse is replayed on the original vertices (the survivor keeps its position, normal and
+    uv rather than the quadric optimum), so every uv stays exactly where the texture expects it.
+    """
+    import fast_simplification
+
+    faces = mesh.faces.astype(np.int64)
+    if len(faces) <= target:
+        return mesh
+    _, _, collapses = fast_simplification.simplify(
+        mesh.vertices.astype(np.float64),
+        faces,
+        target_count=int(target),
+        return_collapses=True,
+        preserve_border=True,
+    )
+    # collapses[k] = [i0, i1]: i1 merged into i0. Follow the chain to each vertex's survivor.
+    parent = np.arange(mesh.num_vertices, dtype=np.int64)
+    for i0, i1 in np.asarray(collapses, dtype=np.int64).reshape(-1, 2):
+        parent[i1] = i0
+    root = parent.copy()
+    while True:  # pointer jumping: log(chain length) passes
+        nxt = root[root]
+        if np.array_equal(nxt, root):
+            break
+        root = nxt
+    f = root[faces]  # [F, 3]
+    keep = (f[:, 0] != f[:, 1]) & (f[:, 1] != f[:, 2]) & (f[:, 2] != f[:, 0])
+    f = f[keep]
+    _, first = np.unique(np.sort(f, axis=1), axis=0, return_index=True)
+    f = f[np.sort(first)]
+    used, f = np.unique(f, return_inverse=True)
+    f = f.reshape(-1, 3)
+    return Mesh(
+        vertices=mesh.vertices[used],
+        faces=f.astype(np.int64),
+        normals=mesh.normals[used],
+        uvs=None if mesh.uvs is None else mesh.uvs[used],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# glTF assembly
+
+
+def _unit_normals(n: np.ndarray) -> np.ndarray:
+    n = np.nan_to_num(n.astype(np.float64))
+    length = np.linalg.norm(n, axis=1, keepdims=True)
+    n = np.where(length > 1e-12, n / np.maximum(length, 1e-12), np.array([0.0, 1.0, 0.0]))
+    return n.astype(np.float32)
+
+
+def build_glb(mesh: Mesh, png: bytes, name: str, unlit: bool) -> bytes:
+    """One scene → one node (no transform) → one mesh with one textured primitive, as .glb bytes."""
+    import pygltflib as gl
+
+    positions = np.ascontiguousarray(mesh.vertices, dtype=np.float32)  # [V, 3]
+    normals = _unit_normals(mesh.normals)  # [V, 3]
+    uvs = np.ascontiguousarray(mesh.uvs, dtype=np.float32)  # [V, 2]
+    n_vert = len(positions)
+    # 65535 is the primitive-restart value, so uint16 holds indices 0..65534 only.
+    index_dtype, index_type = (np.uint16, _UINT16) if n_vert < 65535 else (np.uint32, _UINT32)
+    indices = np.ascontiguousarray(mesh.faces, dtype=index_dtype).reshape(-1)  # [3F]
+
+    blob = bytearray()
+    views: list[gl.BufferView] = []
+
+    def add_view(data: bytes, target: int | None) -> int:
+        views.append(
+            gl.BufferView(buffer=0, byteOffset=len(blob), byteLength=len(data), target=target)
+        )
+        blob.extend(data)
+        blob.extend(b"\x00" * (-len(blob) % 4))  # every view starts 4-byte aligned
+        return len(views) - 1
+
+    accessors = [
+        gl.Accessor(
+            bufferView=add_view(positions.tobytes(), _ARRAY_BUFFER), componentType=_FLOAT,
+            count=n_vert, type="VEC3",
+            min=[float(x) for x in positions.min(0)], max=[float(x) for x in positions.max(0)],
+        ),
+        gl.Accessor(
+            bufferView=add_view(normals.tobytes(), _ARRAY_BUFFER), componentType=_FLOAT,
+            count=n_vert, type="VEC3",
+        ),
+        gl.Accessor(
+            bufferView=add_view(uvs.tobytes(), _ARRAY_BUFFER), componentType=_FLOAT,
+            count=n_vert, type="VEC2",
+        ),
+        gl.Accessor(
+            bufferView=add_view(indices.tobytes(), _ELEMENT_ARRAY_BUFFER),
+            componentType=index_type, count=int(indices.size), type="SCALAR",
+        ),
+    ]
+    image_view = add_view(png, None)
+
+    material = gl.Material(
+        name=f"{name}_material",
+        pbrMetallicRoughness=gl.PbrMetallicRoughness(
+            baseColorTexture=gl.TextureInfo(index=0, texCoord=0),
+            metallicFactor=0.0,
+            roughnessFactor=0.9,
+        ),
+        alphaMode="OPAQUE",
+        doubleSided=False,
+        # Lighting is baked into the texture; unlit tells engines not to light it a second time.
+        extensions={_UNLIT: {}} if unlit else {},
+    )
+    primitive = gl.Primitive(
+        attributes=gl.Attributes(POSITION=0, NORMAL=1, TEXCOORD_0=2),
+        indices=3,
+        material=0,
+        mode=gl.TRIANGLES,
+    )
+    gltf = gl.GLTF2(
+        asset=gl.Asset(generator=f"tdgen {__version__}", version="2.0"),
+        extensionsUsed=[_UNLIT] if unlit else [],
+        scene=0,
+        scenes=[gl.Scene(name=name, nodes=[0])],
+        nodes=[gl.Node(name=name, mesh=0)],  # identity: no matrix, no TRS
+        meshes=[gl.Mesh(name=name, primitives=[primitive])],
+        materials=[material],
+        textures=[gl.Texture(name=f"{name}_basecolor", sampler=0, source=0)],
+        samplers=[
+            gl.Sampler(
+                magFilter=_LINEAR, minFilter=_LINEAR_MIPMAP_LINEAR, wrapS=_REPEAT, wrapT=_REPEAT
+            )
+        ],
+        images=[gl.Image(name=f"{name}_basecolor", mimeType="image/png", bufferView=image_view)],
+        accessors=accessors,
+        bufferViews=views,
+        buffers=[gl.Buffer(byteLength=len(blob))],
+    )
+    gltf.set_binary_blob(bytes(blob))
+    out = gltf.save_to_bytes()
+    return b"".join(out) if isinstance(out, (list, tuple)) else bytes(out)
+
+
+def lod_path(path: Path, level: int) -> Path:
+    """`NAME.glb` → `NAME_lod{level}.glb` beside it."""
+    return path.with_name(f"{path.stem}_lod{level}{path.suffix}")
+
+
+def export_glb(mesh: Mesh, texture, cfg: ExportConfig, path: str | os.PathLike) -> ExportResult:
+    """Write `mesh` with `texture` [S, S, 3] (float in [0, 1] or uint8, row 0 = top) to `path`.
+
+    The asset is re-centred (pivot at the bottom centre) and uniformly scaled to `cfg.height`
+    metres; `cfg.lods` extra files follow, each with half the triangles of the previous and the
+    same texture. Every file is built in memory first and then written atomically, so a failure
+    leaves no partial output.
+    """
+    path = Path(path)
+    if mesh.uvs is None:
+        raise ValueError("export_glb needs a mesh with uvs; call unwrap_mesh first")
+    if mesh.num_faces == 0:
+        raise GenerationError("the mesh is empty; lower mesh.threshold so a surface is found")
+    tex = texture_to_uint8(texture)
+    png = encode_png(tex)
+
+    offset, scale = place_for_export(mesh.vertices, cfg.height)
+
+    def placed(m: Mesh) -> Mesh:
+        v = ((m.vertices.astype(np.float64) - offset) * scale).astype(np.float32)
+        return Mesh(vertices=v, faces=m.faces, normals=m.normals, uvs=m.uvs)
+
+    unlit = cfg.shading == "unlit"
+    outputs: list[tuple[Path, bytes]] = [(path, build_glb(placed(mesh), png, path.stem, unlit))]
+    lod = mesh
+    for level in range(1, cfg.lods + 1):
+        lod = decimate_keep_uvs(lod, max(1, lod.num_faces // 2))
+        p = lod_path(path, level)
+        outputs.append((p, build_glb(placed(lod), png, p.stem, unlit)))
+
+    for p, data in outputs:
+        atomic_write_bytes(p, data)
+    return ExportResult(
+        paths=[p for p, _ in outputs],
+        triangles=mesh.num_faces,
+        vertices=mesh.num_vertices,
+        texture_size=int(tex.shape[0]),
+        height=float(cfg.height),
+    )

@@ -1,0 +1,43 @@
+"""A contact sheet of the textured mesh: 8 views in a 4×2 grid, one PNG, for a glance before import."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from tdgen.io import atomic_write_bytes
+from tdgen.meshdata import Mesh
+from tdgen.raster import framing_cameras, render_mesh
+
+PREVIEW_ELEVATION = 15.0
+"""Degrees above the equator: a slight top-down look shows the top without hiding the sides."""
+BACKGROUND = (0.85, 0.85, 0.85)
+"""Light grey, so both dark and white assets stand out."""
+
+
+@torch.no_grad()
+def render_preview(mesh: Mesh, texture: Tensor | np.ndarray, size: int = 256) -> np.ndarray:
+    """The 4×2 grid as uint8 [2·size, 4·size, 3]: azimuths 0, 45, …, 315 (front first), row-major."""
+    tex = torch.as_tensor(texture)
+    tex = tex.float() / 255.0 if tex.dtype == torch.uint8 else tex.float()  # export takes uint8 too
+    azimuths = np.arange(8) * 45.0
+    cams = framing_cameras(mesh.vertices, np.full(8, PREVIEW_ELEVATION), azimuths, size,
+                           device=tex.device)
+    bg = torch.tensor(BACKGROUND, device=tex.device).expand(8, 3)
+    rgb, _ = render_mesh(mesh, tex, cams, bg)  # [8, size, size, 3]
+    grid = rgb.view(2, 4, size, size, 3).permute(0, 2, 1, 3, 4).reshape(2 * size, 4 * size, 3)
+    return (grid.clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
+
+
+def write_preview(mesh: Mesh, texture: Tensor | np.ndarray, path: str | os.PathLike,
+                  size: int = 256) -> None:
+    """Write the 8-view preview PNG to `path` atomically."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(render_preview(mesh, texture, size)).save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())

@@ -1,0 +1,88 @@
+"""Stage 2d: refine the baked texture in UV space against img2img targets (DreamGaussian stage 2).
+
+Each step renders the textured mesh from a random orbit view, asks the diffusion model for a
+cleaner version of that render (SDEdit at a strength that rises over the steps), and moves the
+texture toward it with an MSE on the pixels the mesh covers. The texture is the only parameter,
+so the geometry and UV layout stay as baked.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from tdgen.config import TextureConfig
+from tdgen.meshdata import Mesh
+from tdgen.progress import Progress, ProgressFn, no_progress
+from tdgen.raster import framing_cameras, render_mesh
+from tdgen.texture import chart_mask, fill_gutters
+
+REFINE_FOVY = 49.1
+"""Field of view of the refinement cameras, degrees (the stage-1 training cameras')."""
+ELEVATION_RANGE = (-30.0, 30.0)
+"""Elevations the random refinement views are drawn from, degrees (stage 1's default range)."""
+
+
+def strength_at(step: int, steps: int, cfg: TextureConfig) -> float:
+    """SDEdit strength at `step` of `steps`: linear from refine_strength_start to _end."""
+    frac = step / (steps - 1) if steps > 1 else 0.0
+    return cfg.refine_strength_start + (cfg.refine_strength_end - cfg.refine_strength_start) * frac
+
+
+def refine_texture(
+    mesh: Mesh,  # with uvs
+    texture: Tensor,  # [S, S, 3] in [0, 1], row 0 = top
+    model,  # guidance.DiffusionModel
+    embeddings,  # guidance.PromptEmbeddings
+    cfg: TextureConfig,
+    device,
+    generator: torch.Generator,
+    on_progress: ProgressFn = no_progress,
+) -> Tensor:
+    """`cfg.refine_steps` Adam steps on the texture toward img2img targets: returns [S, S, 3] fp32.
+
+    `refine_steps == 0` returns `texture` itself, untouched.
+    """
+    from tdgen.guidance import img2img_target, view_name
+
+    steps = int(cfg.refine_steps)
+    if steps == 0:
+        return texture
+    device = torch.device(device)
+    S = int(texture.shape[0])
+    # The texture stays fp32 whatever the model's dtype: Adam's small updates vanish in fp16.
+    tex = texture.detach().to(device=device, dtype=torch.float32).clone().requires_grad_(True)
+    opt = torch.optim.Adam([tex], lr=cfg.refine_lr)
+    white = torch.ones(1, 3, device=device)
+    uncond = embeddings.uncond.to(model.device)
+    on_progress(Progress("refine", 0, steps))
+
+    for step in range(steps):
+        # 1. a random orbit view framing the mesh
+        u = torch.rand(2, generator=generator, device=generator.device).tolist()
+        lo, hi = ELEVATION_RANGE
+        el, az = lo + (hi - lo) * u[0], -180.0 + 360.0 * u[1]
+        cam = framing_cameras(mesh.vertices, [el], [az], cfg.refine_resolution, fovy=REFINE_FOVY,
+                              device=device)
+        # 2. render the current texture (differentiable w.r.t. it)
+        rgb, alpha = render_mesh(mesh, tex, cam, white)  # [1, H, W, 3], [1, H, W, 1]
+        # 3. the model's cleaner version of the render, with the view's prompt
+        name = view_name(az)
+        cond = embeddings.views[name] if name in embeddings.views else embeddings.views["none"]
+        images = rgb.detach().permute(0, 3, 1, 2).to(model.device, model.dtype)  # [1, 3, H, W]
+        target = img2img_target(
+            model, images, cond.to(model.device), uncond, strength_at(step, steps, cfg),
+            cfg.refine_ddim_steps, cfg.refine_guidance_scale, generator,
+        )
+        target = target.to(device=device, dtype=torch.float32).permute(0, 2, 3, 1)  # [1, H, W, 3]
+        # 4. MSE on covered pixels only: the background is not the texture's to match
+        loss = ((rgb - target) ** 2 * alpha).sum() / (alpha.sum() * 3).clamp_min(1.0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            tex.clamp_(0.0, 1.0)  # projected Adam: keeps colours valid without a squashing fn
+        on_progress(Progress("refine", step + 1, steps, loss=float(loss.detach())))
+
+    # Gutter texels got gradients only through bilinear taps at chart borders; re-fill them.
+    return fill_gutters(tex.detach(), chart_mask(mesh, S, device))

@@ -1,0 +1,78 @@
+"""Stage 2b: UV atlas with xatlas (charts cut along seams, packed into one `size`² texture)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tdgen.config import TextureConfig
+from tdgen.errors import GenerationError
+from tdgen.meshdata import Mesh
+
+_MAX_TRIES = 12
+"""Re-packs at a lower texel density when the charts spill onto a second atlas page."""
+
+
+def unwrap_mesh(mesh: Mesh, cfg: TextureConfig) -> Mesh:
+    """A copy of `mesh` cut along UV seams, with `uvs` [V', 2] in [0, 1] packed in a `cfg.size`²
+    texture.
+
+    V' ≥ V: a vertex on a seam is duplicated once per chart it borders; faces keep their order
+    and winding.
+
+    UV convention: xatlas reports texel coordinates with row 0 at v = 0, and we keep its v as is,
+    so v = 0 is row 0 = the *top* row of our texture image (glTF's convention, DESIGN.md): texel
+    (row r, col c) covers [c, c+1)×[r, r+1) in xatlas units and its centre is
+    uv = ((c + 0.5)/S, (r + 0.5)/S). Nothing is flipped here, in the baker or in the exporter.
+    """
+    import xatlas
+
+    if mesh.num_faces == 0:
+        raise GenerationError(
+            "cannot unwrap an empty mesh; lower mesh.threshold so a surface is found"
+        )
+    size = int(cfg.size)
+    positions = np.ascontiguousarray(mesh.vertices, dtype=np.float32)  # [V, 3]
+    indices = np.ascontiguousarray(mesh.faces, dtype=np.uint32)  # [F, 3]
+    normals = np.ascontiguousarray(mesh.normals, dtype=np.float32)  # [V, 3]
+
+    chart = xatlas.ChartOptions()
+    pack = xatlas.PackOptions()
+    pack.padding = int(cfg.padding)
+    pack.bilinear = True  # leave a texel of gutter so bilinear lookups do not bleed across charts
+    pack.blockAlign = True  # faster packing, at a small cost in utilisation
+    # With texels_per_unit = 0 xatlas estimates a density for `resolution` but then grows the
+    # atlas past it (by 1.2–1.7× in our meshes, padding being the slack); with a density set,
+    # pages are exactly `resolution`² but charts may spill onto a second page. Every try re-runs
+    # the whole (costly) chart computation, so the first asks for 3/4 of the size, which usually
+    # lands just inside it; otherwise shrink the density and re-pack.
+    texels_per_unit = 0.0
+    for attempt in range(_MAX_TRIES):
+        pack.texels_per_unit = texels_per_unit
+        pack.resolution = int(round(0.75 * size)) if attempt == 0 else size
+        atlas = xatlas.Atlas()
+        atlas.add_mesh(positions, indices, normals)
+        atlas.generate(chart, pack)
+        width, height = int(atlas.width), int(atlas.height)
+        if atlas.atlas_count == 1 and width <= size and height <= size:
+            break
+        if max(width, height) > size:
+            shrink = size / max(width, height) * 0.95
+        else:  # exact pages, but a second one: padding is a fixed cost, so shrink in bigger steps
+            shrink = 0.85
+        texels_per_unit = float(atlas.texels_per_unit) * shrink
+    else:
+        raise GenerationError(
+            f"xatlas could not pack the UV charts into one {size}² texture; raise texture.size "
+            "or lower texture.padding"
+        )
+
+    vmapping, new_faces, uvs = atlas[0]  # [V'] source vertex, [F, 3], [V', 2] in [0, 1] of W×H
+    vmapping = vmapping.astype(np.int64)
+    # xatlas normalises by its own width/height; express in the size² texture (texel units kept).
+    uvs = uvs.astype(np.float64) * np.array([width / size, height / size])
+    return Mesh(
+        vertices=mesh.vertices[vmapping].astype(np.float32),
+        faces=new_faces.astype(np.int64),
+        normals=mesh.normals[vmapping].astype(np.float32),
+        uvs=np.clip(uvs, 0.0, 1.0).astype(np.float32),
+    )

@@ -1,0 +1,180 @@
+"""The measuring harness: reference objects, metrics that catch broken stages, the quality smoke
+(cases A and B end to end) and the speed script's CPU path."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks import quality, speed
+from benchmarks.references import BUILDERS
+from tdgen.meshdata import Mesh
+
+CPU = torch.device("cpu")
+SMOKE_OBJECTS = ("sphere", "mug")
+"""A checker (texture placement) and an asymmetric object with a thin handle (flips, thin parts)."""
+
+
+def _signed_volume(mesh: Mesh) -> float:
+    tri = mesh.vertices[mesh.faces].astype(np.float64)  # [F, 3, 3]
+    return float(np.einsum("ij,ij->i", tri[:, 0], np.cross(tri[:, 1], tri[:, 2])).sum() / 6)
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_reference_is_closed_outward_and_textured(name):
+    ref = BUILDERS[name]()
+    m = ref.mesh
+    # CCW seen from outside ⇔ a positive divergence-theorem volume.
+    assert _signed_volume(m) > 0.03
+    assert 0.4 < float(np.linalg.norm(m.vertices, axis=1).max()) < 0.65
+    assert np.allclose((m.vertices.min(0) + m.vertices.max(0)) / 2, 0, atol=1e-5)
+    assert m.uvs is not None and m.uvs.min() >= 0 and m.uvs.max() <= 1
+    colours = np.unique(np.round(ref.texture.reshape(-1, 3), 2), axis=0)
+    assert len(colours) >= 2
+
+
+def test_mug_is_asymmetric():
+    from scipy.spatial import cKDTree
+
+    v = BUILDERS["mug"]().mesh.vertices
+    # A left/right flip must change the surface, or the benchmark could not see one.
+    d, _ = cKDTree(v).query(v * np.array([-1.0, 1.0, 1.0], np.float32))
+    assert d.max() > 0.05
+
+
+def _mirror_x(m: Mesh) -> Mesh:
+    # Mirroring reverses winding; swap two corners so faces stay CCW from outside.
+    return Mesh(m.vertices * np.array([-1, 1, 1], np.float32), m.faces[:, [0, 2, 1]],
+                m.normals * np.array([-1, 1, 1], np.float32), m.uvs)
+
+
+def test_metrics_pass_a_perfect_copy_and_catch_broken_stages():
+    ref = BUILDERS["mug"]()
+    cfg = quality.quality_config(True, CPU)
+    sizes = quality.Sizes(surface_gaussians=0, metric_points=20_000, metric_resolution=64)
+    perfect = quality.measure_mesh(ref.mesh, ref.texture, ref, cfg, sizes, CPU)
+    assert perfect["chamfer"] < 0.01 and perfect["fscore"] > 0.95
+    assert perfect["mask_iou"] == pytest.approx(1.0) and perfect["normal_agreement"] > 0.95
+    assert quality.check_thresholds("A", perfect) == []
+
+    m = ref.mesh
+    shifted = Mesh(m.vertices + np.array([0.1, 0, 0], np.float32), m.faces, m.normals, m.uvs)
+    failed = quality.check_thresholds("A", quality.measure_mesh(shifted, ref.texture, ref, cfg, sizes, CPU))
+    assert any(f.startswith("chamfer") for f in failed) and any(f.startswith("mask_iou") for f in failed)
+
+    grey = np.full_like(ref.texture, 0.5)
+    failed = quality.check_thresholds("A", quality.measure_mesh(m, grey, ref, cfg, sizes, CPU))
+    assert [f.split()[0] for f in failed] == ["psnr_masked"]
+
+    mirrored = quality.measure_mesh(_mirror_x(m), ref.texture, ref, cfg, sizes, CPU)
+    assert quality.check_thresholds("A", mirrored)
+
+    inverted = Mesh(m.vertices, m.faces[:, [0, 2, 1]], -m.normals, m.uvs)
+    assert quality.geometry_metrics(inverted, m, 4000)["normal_agreement"] < -0.9
+
+
+def test_oracle_guidance_is_a_guidance_with_a_known_minimum():
+    from tdgen.render import orbit_cameras
+
+    ref = BUILDERS["table"]()
+    oracle = quality.OracleGuidance(ref, CPU)
+    cams = orbit_cameras([10.0, -20.0], [0.0, 135.0], 2.5, 49.1, 32, 32)
+    bgs = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+    target = oracle.target(cams, bgs)  # [2, 3, 32, 32]
+    assert target.shape == (2, 3, 32, 32)
+    # Same background behind the object as the render it is compared with.
+    assert torch.allclose(target[0, :, 0, 0], bgs[0]) and torch.allclose(target[1, :, 0, 0], bgs[1])
+    assert float(oracle.loss(target.clone(), cams, bgs, 0.5)) == pytest.approx(0.0, abs=1e-7)
+    images = torch.full_like(target, 0.5, requires_grad=True)
+    loss = oracle.loss(images, cams, bgs, 0.5)
+    loss.backward()
+    assert loss.ndim == 0 and float(loss.detach()) > 0.05 and images.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end (the CI quality smoke): the real stages, CPU-sized
+
+
+@pytest.fixture(scope="module")
+def smoke_rows(tmp_path_factory):
+    torch.set_num_threads(2)
+    cfg = quality.quality_config(True, CPU)
+    refs = [BUILDERS[name]() for name in SMOKE_OBJECTS]
+    workdir = tmp_path_factory.mktemp("quality")
+    rows = quality.run(refs, ["A", "B"], cfg, quality.SMOKE_SIZES, CPU, workdir, smoke=True)
+    return {(r["case"], r["object"]): r for r in rows}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SMOKE_OBJECTS)
+def test_quality_smoke_case_a_stage2_alone(smoke_rows, name):
+    row = smoke_rows[("A", name)]
+    assert "error" not in row, row.get("error")
+    assert row["passed"], row["failed"]
+    assert row["glb_height"] == pytest.approx(1.0, rel=1e-3)  # export.height, read back
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SMOKE_OBJECTS)
+def test_quality_smoke_case_b_oracle_pipeline(smoke_rows, name):
+    row = smoke_rows[("B", name)]
+    assert "error" not in row, row.get("error")
+    assert row["passed"], row["failed"]
+    counts = row["counts"]
+    assert counts["loss_last"] < 0.6 * counts["loss_first"]  # stage 1 learned from the oracle
+    assert counts["oracle_calls"] == quality.quality_config(True, CPU).stage1.steps
+
+
+@pytest.mark.slow
+def test_quality_smoke_catches_a_broken_bake_and_a_shifted_mesh(smoke_rows):
+    from pathlib import Path
+
+    ref = BUILDERS["mug"]()
+    cfg = quality.quality_config(True, CPU)
+    row = smoke_rows[("A", "mug")]
+    pred, tex = quality.read_glb_in_reference_frame(Path(row["glb"]), ref, cfg.export.height)
+    sizes = quality.Sizes(0, 20_000, 64)
+    grey = quality.measure_mesh(pred, np.full_like(tex, 0.5), ref, cfg, sizes, CPU)
+    assert any(f.startswith("psnr_masked") for f in quality.check_thresholds("A", grey))
+    shift = np.array([0.1, 0, 0], np.float32) * np.ptp(ref.mesh.vertices[:, 0])
+    moved = Mesh(pred.vertices + shift, pred.faces, pred.normals, pred.uvs)
+    assert quality.check_thresholds("A", quality.measure_mesh(moved, tex, ref, cfg, sizes, CPU))
+
+
+# ---------------------------------------------------------------------------------------------
+# Speed script, CPU path with the tiny model
+
+
+def test_speed_sds_only_tiny_cpu_writes_json(tmp_path, capsys):
+    out = tmp_path / "sds.json"
+    rc = speed.main(["--device", "cpu", "--tiny", "--sds-only", "--sds-steps", "1",
+                     "--sds-resolution", "32", "--json-out", str(out), "--json"])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out) == report  # --json prints the same object
+    rows = report["sds"]["rows"]
+    assert [r["name"] for r in rows] == [v["name"] for v in speed.sds_variants(CPU, 32)]
+    assert all(r["ms_per_step"] > 0 and r["grad_finite"] for r in rows)
+    assert {r["encoder"] for r in rows} == {"vae", "tiny"}
+    assert report["environment"]["torch"] == torch.__version__
+    assert report["cold_start"]["model_build_s"] > 0
+
+
+@pytest.mark.slow
+def test_speed_pipeline_tiny_cpu_writes_json(tmp_path):
+    out = tmp_path / "speed.json"
+    rc = speed.main(["--device", "cpu", "--tiny", "--presets", "draft", "--runs", "1",
+                     "--json-out", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    (preset,) = report["presets"]
+    for stage in ("stage1", "mesh", "unwrap", "bake", "export", "total"):
+        assert preset["stage_seconds"][stage] > 0, stage
+    assert preset["substage_seconds"], "no mesh sub-stage timings from the progress events"
+    assert preset["sds_steps_per_s"] > 0
+    assert preset["batch"]["assets_per_hour"] > 0
+    assert preset["runs"][0]["counts"]["stage1_steps"] == speed.TINY["stage1.steps"]
+    assert report["cold_start"]["total_s"] >= report["cold_start"]["model_build_s"]

@@ -1,0 +1,332 @@
+"""Model loading errors, prompt views, the SDS gradient and schedules, img2img targets."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tdgen.config import ModelConfig, Stage1Config
+from tdgen.errors import ModelFormatError, ModelNotFoundError
+from tdgen.guidance import (
+    PromptEmbeddings,
+    SDSGuidance,
+    encode_prompt,
+    img2img_target,
+    load_model,
+    predict_noise_cfg,
+    sample_timesteps,
+    view_embeddings,
+    view_index,
+    view_name,
+)
+from tdgen.io import sha256_file
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return load_model(ModelConfig(id=str(tiny_model_dir)), "cpu")
+
+
+@pytest.fixture(scope="module")
+def emb(model):
+    return encode_prompt(model, "a red chair")
+
+
+def _cams(*azimuths):
+    return SimpleNamespace(azimuth=torch.tensor(azimuths, dtype=torch.float32),
+                           elevation=torch.zeros(len(azimuths)))
+
+
+def _sd_alphas_cumprod():
+    # SD's scaled_linear betas, written out so the test does not trust the scheduler.
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0).float()
+
+
+# -------------------------------------------------------------------------------------------
+# Loading
+
+
+def test_load_model_from_folder(model, tiny_model_dir):
+    assert model.dtype == torch.float32 and model.device.type == "cpu"  # auto → fp32 on CPU
+    assert type(model.scheduler).__name__ == "DDIMScheduler"
+    assert not model.unet.training and not any(p.requires_grad for p in model.unet.parameters())
+    assert model.tiny_vae is None and model.cuda_graphs is False
+    files = model.source["files"]
+    assert model.source["id"] == str(tiny_model_dir)
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    assert files[weights] == sha256_file(tiny_model_dir / weights)
+    assert "scheduler/scheduler_config.json" in files and "tokenizer/vocab.json" in files
+
+
+@pytest.fixture()
+def offline_hub(monkeypatch, tmp_path):
+    """An empty private HF cache in offline mode (huggingface_hub reads both at import)."""
+    import huggingface_hub.constants as hc
+
+    cache = tmp_path / "hf_cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def test_folder_hashes_are_cached_per_file_state(tiny_model_dir, monkeypatch):
+    import tdgen.guidance as G
+
+    first = G.folder_fingerprint(tiny_model_dir)  # the model fixture may have filled the cache
+    calls = []
+    monkeypatch.setattr(G, "sha256_file", lambda p: calls.append(p) or "x")
+    assert G.folder_fingerprint(tiny_model_dir) == first and calls == []
+    cfg_file = tiny_model_dir / "scheduler" / "scheduler_config.json"
+    st = cfg_file.stat()
+    os.utime(cfg_file, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # "edited"
+    try:
+        again = G.folder_fingerprint(tiny_model_dir)
+    finally:
+        os.utime(cfg_file, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert calls == [cfg_file] and again["scheduler/scheduler_config.json"] == "x"
+
+
+def test_cached_hub_model_loads_offline_with_its_commit(offline_hub, tiny_model_dir):
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = offline_hub / "models--tdgen-test--cached-sd"
+    shutil.copytree(tiny_model_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    m = load_model(ModelConfig(id="tdgen-test/cached-sd"), "cpu")
+    assert m.source == {"id": "tdgen-test/cached-sd", "revision": commit}
+    assert m.model_id == "tdgen-test/cached-sd"
+
+
+def test_missing_hub_model_offline_names_the_fix(offline_hub):
+    with pytest.raises(ModelNotFoundError) as e:
+        load_model(ModelConfig(id="tdgen-test/definitely-not-cached"), "cpu")
+    msg = str(e.value)
+    assert "tdgen-test/definitely-not-cached" in msg
+    assert "hf download" in msg and "--model" in msg and "offline" in msg
+    assert "\n" not in msg
+
+
+def test_pickled_weights_are_refused(tmp_path):
+    (tmp_path / "model.bin").write_bytes(b"\x80\x04not really a pickle")
+    with pytest.raises(ModelFormatError, match="safetensors"):
+        load_model(ModelConfig(id=str(tmp_path)), "cpu")
+
+
+def test_folder_missing_a_component_names_it(tiny_model_dir, tmp_path):
+    partial = tmp_path / "partial"
+    shutil.copytree(tiny_model_dir, partial, ignore=shutil.ignore_patterns("unet"))
+    with pytest.raises(ModelNotFoundError, match="unet"):
+        load_model(ModelConfig(id=str(partial)), "cpu")
+
+
+def test_nonexistent_folder(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        load_model(ModelConfig(id=str(tmp_path / "nope")), "cpu")
+
+
+# -------------------------------------------------------------------------------------------
+# Prompts and views
+
+
+@pytest.mark.parametrize(
+    "az, name",
+    [(0, "front"), (44, "front"), (-44, "front"), (45, "front"), (46, "side"), (-46, "side"),
+     (134, "side"), (-134, "side"), (135, "back"), (180, "back"), (-180, "back"),
+     (270, "side"), (-270, "side"), (360, "front"), (225, "back")],
+)
+def test_view_name(az, name):
+    assert view_name(az) == name
+    assert view_index(torch.tensor([float(az)])).item() == ["front", "side", "back"].index(name)
+
+
+def test_encode_prompt_views(model, emb):
+    assert set(emb.views) == {"front", "side", "back"}
+    d = model.unet.config.cross_attention_dim
+    assert emb.uncond.shape == (1, 77, d)
+    assert all(v.shape == (1, 77, d) for v in emb.views.values())
+    assert not torch.allclose(emb.views["front"], emb.views["back"])
+    assert not torch.allclose(emb.views["front"], emb.uncond)
+
+    plain = encode_prompt(model, "a red chair", negative="blurry", view_prompts=False)
+    assert set(plain.views) == {"none"}
+    assert not torch.allclose(plain.uncond, emb.uncond)  # the negative prompt is used
+
+    cond = view_embeddings(emb, torch.tensor([10.0, 90.0, 180.0, -30.0]))
+    assert cond.shape == (4, 77, d)
+    for row, name in zip(cond, ["front", "side", "back", "front"]):
+        assert torch.equal(row, emb.views[name][0])
+    assert view_embeddings(plain, torch.tensor([0.0, 180.0])).shape == (2, 77, d)
+
+
+# -------------------------------------------------------------------------------------------
+# SDS
+
+
+@pytest.mark.parametrize("azimuths", [(0.0,), (0.0, 180.0)])
+def test_sds_gradient_is_weighted_noise_residual(model, emb, azimuths):
+    b = len(azimuths)
+    cfg = Stage1Config(guidance_scale=7.5, t_schedule="anneal")
+    seed, progress = 123, 0.3
+    sds = SDSGuidance(model, emb, cfg, torch.Generator().manual_seed(seed))
+    latents = torch.randn(b, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    latents.requires_grad_(True)
+    loss = sds.latent_loss(latents, torch.tensor(azimuths), progress)
+    loss.backward()
+
+    # Independent reference: same draw (anneal draws only ε), SD's ᾱ, one plain UNet call.
+    t = round((0.98 - 0.96 * progress) * 1000)
+    noise = torch.randn(b, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+    ab = _sd_alphas_cumprod()[t]
+    noisy = ab.sqrt() * latents.detach() + (1 - ab).sqrt() * noise
+    cond = torch.cat([emb.views[view_name(a)] for a in azimuths])
+    text = torch.cat([emb.uncond.expand(b, -1, -1), cond])
+    with torch.no_grad():
+        out = model.unet(torch.cat([noisy, noisy]), torch.full((2 * b,), t),
+                         encoder_hidden_states=text).sample
+    eps_u, eps_c = out[:b], out[b:]
+    eps_hat = eps_u + 7.5 * (eps_c - eps_u)
+    expected = (1 - ab) * (eps_hat - noise)
+
+    assert sds.last_t.tolist() == [t] * b
+    torch.testing.assert_close(sds.last_w, torch.full((b,), float(1 - ab)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(latents.grad, expected / b, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(loss, 0.5 * expected.pow(2).sum() / b, rtol=1e-4, atol=1e-5)
+
+
+def test_anneal_schedule():
+    cfg = Stage1Config(t_schedule="anneal")
+    g = torch.Generator().manual_seed(0)
+    ts = [sample_timesteps(cfg, 1000, p / 20, 2, g, "cpu") for p in range(21)]
+    firsts = [int(t[0]) for t in ts]
+    assert firsts[0] == 980 and firsts[-1] == 20
+    assert all(a >= b for a, b in zip(firsts, firsts[1:]))
+    assert all(int(t[0]) == int(t[1]) for t in ts)
+    assert firsts[10] == 500
+
+
+def test_random_schedule_bounds():
+    cfg = Stage1Config(t_schedule="random")
+    g = torch.Generator().manual_seed(0)
+    early = sample_timesteps(cfg, 1000, 0.0, 4000, g, "cpu")
+    assert early.min() >= 20 and early.max() <= 980
+    assert early.min() < 100 and early.max() > 900  # really spread over the range
+    mid = sample_timesteps(cfg, 1000, 0.5, 4000, g, "cpu")
+    assert mid.min() >= 20 and mid.max() <= 500 and mid.max() > 450
+    late = sample_timesteps(cfg, 1000, 1.0, 64, g, "cpu")
+    assert (late == 20).all()
+
+
+def test_nan_guard_zeroes_and_counts(model, emb):
+    sds = SDSGuidance(model, emb, Stage1Config(), torch.Generator().manual_seed(0))
+    latents = torch.randn(1, 4, 8, 8)
+    latents[0, 0, 0, 0] = float("nan")
+    latents.requires_grad_(True)
+    sds.latent_loss(latents, torch.tensor([0.0]), 0.5).backward()
+    assert sds.nan_count == 1
+    assert torch.isfinite(latents.grad).all() and (latents.grad == 0).all()
+    ok = torch.randn(1, 4, 8, 8, requires_grad=True)
+    sds.latent_loss(ok, torch.tensor([0.0]), 0.5).backward()
+    assert sds.nan_count == 1 and ok.grad.abs().sum() > 0
+
+
+def test_sds_loss_from_images_reaches_pixels(model):
+    cfg = Stage1Config(encode_resolution=64, guidance_scale=10.0)
+    sds = SDSGuidance(model, "a red chair", cfg, torch.Generator().manual_seed(0))
+    assert set(sds.embeddings.views) == {"front", "side", "back"}
+    images = torch.rand(2, 3, 32, 32, requires_grad=True)
+    assert sds.encode_images(images).shape == (2, 4, 8, 8)  # resized to 64 first
+    loss = sds.loss(images, _cams(0.0, 90.0), torch.ones(2, 3), 0.2)
+    loss.backward()
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
+
+    native = SDSGuidance(model, sds.embeddings, dataclasses.replace(cfg, encode_resolution=0),
+                         torch.Generator().manual_seed(0))
+    assert native.encode_images(images).shape == (2, 4, 4, 4)  # 0 keeps the render size
+
+
+def test_v_prediction_is_converted_to_epsilon(model, emb):
+    from diffusers import DDIMScheduler
+
+    vmodel = dataclasses.replace(
+        model, scheduler=DDIMScheduler.from_config(model.scheduler.config,
+                                                   prediction_type="v_prediction"))
+    noisy = torch.randn(1, 4, 8, 8)
+    t = torch.tensor([400])
+    cond, uncond = emb.views["front"], emb.uncond
+    v_hat = predict_noise_cfg(model, noisy, t, cond, uncond, 5.0)  # the raw output, as ε model
+    eps_hat = predict_noise_cfg(vmodel, noisy, t, cond, uncond, 5.0)
+    ab = _sd_alphas_cumprod()[400]
+    torch.testing.assert_close(eps_hat, ab.sqrt() * v_hat + (1 - ab).sqrt() * noisy,
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_tiny_sds_encoder(tiny_model_dir, tmp_path, offline_hub):
+    from diffusers import AutoencoderTiny
+
+    tiny_dir = tmp_path / "taesd"
+    torch.manual_seed(0)
+    AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8),
+                    decoder_block_out_channels=(8, 8, 8, 8)).save_pretrained(tiny_dir)
+    cfg = ModelConfig(id=str(tiny_model_dir), sds_encoder="tiny", tiny_encoder_id=str(tiny_dir))
+    m = load_model(cfg, "cpu")
+    assert type(m.tiny_vae).__name__ == "AutoencoderTiny"
+    assert "sds_encoder" in m.source
+    sds = SDSGuidance(m, "a chair", Stage1Config(encode_resolution=64),
+                      torch.Generator().manual_seed(0))
+    images = torch.rand(1, 3, 64, 64, requires_grad=True)
+    assert sds.encode_images(images).shape == (1, 4, 8, 8)
+    sds.loss(images, _cams(0.0), torch.ones(1, 3), 0.5).backward()
+    assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
+
+    with pytest.raises(ModelNotFoundError, match="hf download"):
+        load_model(dataclasses.replace(cfg, tiny_encoder_id="tdgen-test/no-taesd"), "cpu")
+
+
+def test_invalid_hub_id(offline_hub):
+    with pytest.raises(ModelNotFoundError, match="valid hub id"):
+        load_model(ModelConfig(id="bad id with spaces"), "cpu")
+
+
+# -------------------------------------------------------------------------------------------
+# img2img
+
+
+def test_img2img_target(model, emb):
+    images = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    cond, uncond = emb.views["front"], emb.uncond
+
+    def run(strength, seed=0):
+        return img2img_target(model, images, cond, uncond, strength, 4, 7.5,
+                              torch.Generator().manual_seed(seed))
+
+    a = run(0.5)
+    assert a.shape == (1, 3, 64, 64) and a.dtype == torch.float32
+    assert a.min() >= 0 and a.max() <= 1 and not a.requires_grad
+    assert torch.equal(a, run(0.5))  # seeded → reproducible
+    assert not torch.allclose(a, run(1.0), atol=1e-3)  # strength changes the result
+    assert torch.equal(run(0.0), images)  # nothing re-noised → the input back
+
+
+@pytest.mark.gpu
+def test_cuda_graph_matches_eager(tiny_model_dir):
+    device = torch.device("cuda")
+    m = load_model(ModelConfig(id=str(tiny_model_dir), cuda_graphs=True), device)
+    assert m.dtype == torch.float16 and m.cuda_graphs
+    e = encode_prompt(m, "a chair")
+    g = torch.Generator(device).manual_seed(0)
+    t = torch.tensor([500], device=device)
+    for _ in range(3):  # capture, then replays with fresh inputs
+        noisy = torch.randn(1, 4, 64, 64, device=device, generator=g)
+        eager = predict_noise_cfg(m, noisy, t, e.views["side"], e.uncond, 7.5, use_graphs=False)
+        graphed = predict_noise_cfg(m, noisy, t, e.views["side"], e.uncond, 7.5, use_graphs=True)
+        torch.testing.assert_close(graphed, eager, rtol=2e-2, atol=2e-2)
+    assert any(m.graphs.values()), "graph capture fell back to eager"

@@ -1,0 +1,58 @@
+"""The 8-view preview sheet."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+from PIL import Image
+
+from tdgen.config import TextureConfig
+from tdgen.meshdata import Mesh
+from tdgen.preview import BACKGROUND, render_preview, write_preview
+
+
+def textured_sphere():
+    from tdgen.unwrap import unwrap_mesh
+
+    m = trimesh.creation.icosphere(subdivisions=1, radius=0.5)
+    mesh = unwrap_mesh(
+        Mesh(m.vertices.astype(np.float32), m.faces.astype(np.int64), m.vertex_normals.astype(np.float32)),
+        TextureConfig(size=64, padding=2),
+    )
+    tex = torch.zeros(64, 64, 3)
+    tex[:32, :, 0] = 1.0  # top half of the atlas red, bottom half blue
+    tex[32:, :, 2] = 1.0
+    return mesh, tex
+
+
+def test_write_preview_png_size_and_content(tmp_path):
+    mesh, tex = textured_sphere()
+    path = tmp_path / "sub" / "a.preview.png"
+    write_preview(mesh, tex, path, size=48)
+    img = np.asarray(Image.open(path))
+    assert img.shape == (96, 192, 3)
+    assert not (img == img[0, 0]).all()  # not uniform
+    bg = np.round(np.array(BACKGROUND) * 255)
+    assert np.abs(img[0, 0].astype(float) - bg).max() <= 1  # corners are background
+    # Every tile shows the object at its centre, in texture colours (red or blue, not grey).
+    for r in range(2):
+        for c in range(4):
+            px = img[r * 48 + 24, c * 48 + 24].astype(int)
+            assert px[1] < 30 and px[0] + px[2] > 200
+    assert [p.name for p in path.parent.iterdir()] == ["a.preview.png"]  # no temp left behind
+
+
+def test_render_preview_accepts_numpy_uint8():
+    mesh, tex = textured_sphere()
+    a = render_preview(mesh, tex, size=16)
+    b = render_preview(mesh, (tex.numpy() * 255).astype(np.uint8), size=16)
+    assert a.shape == (32, 64, 3) and a.dtype == np.uint8
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+@pytest.mark.gpu
+def test_preview_from_a_cuda_texture(tmp_path):
+    mesh, tex = textured_sphere()
+    assert np.array_equal(render_preview(mesh, tex.cuda(), size=16), render_preview(mesh, tex, size=16))

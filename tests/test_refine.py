@@ -1,0 +1,107 @@
+"""UV-space texture refinement: runs against the tiny model, moves the texture, stays in [0, 1]."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+
+from tdgen.config import ModelConfig, TextureConfig
+from tdgen.meshdata import Mesh
+from tdgen.refine import refine_texture, strength_at
+from tdgen.runtime import make_generator
+from tdgen.texture import chart_mask
+
+CFG = TextureConfig(size=64, refine_steps=2, refine_resolution=64, refine_ddim_steps=10,
+                    refine_lr=0.05)
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    from tdgen.unwrap import unwrap_mesh
+
+    m = trimesh.creation.icosphere(subdivisions=1, radius=0.5)
+    base = Mesh(m.vertices.astype(np.float32), m.faces.astype(np.int64),
+                m.vertex_normals.astype(np.float32))
+    return unwrap_mesh(base, TextureConfig(size=64, padding=2))
+
+
+@pytest.fixture(scope="module")
+def model_and_embeddings(tiny_model_dir):
+    from tdgen.guidance import encode_prompt, load_model
+
+    model = load_model(ModelConfig(id=str(tiny_model_dir)), "cpu")
+    return model, encode_prompt(model, "a wooden barrel")
+
+
+def start_texture():
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(64, 64, 3, generator=g) * 0.5 + 0.25
+
+
+def test_refine_with_tiny_model_changes_texture_within_range(mesh, model_and_embeddings):
+    model, emb = model_and_embeddings
+    tex = start_texture()
+    before = tex.clone()
+    events = []
+    out = refine_texture(mesh, tex, model, emb, CFG, "cpu", make_generator(0), events.append)
+    assert out.shape == (64, 64, 3) and out.dtype == torch.float32
+    assert torch.equal(tex, before)  # the input is not modified in place
+    assert (out - before).abs().max() > 1e-3
+    assert out.min() >= 0 and out.max() <= 1
+    assert [e.step for e in events] == [0, 1, 2] and all(e.stage == "refine" for e in events)
+    assert all(np.isfinite(e.loss) for e in events[1:])
+    # Gutters hold their nearest chart texel's colour again.
+    inside = chart_mask(mesh, 64)
+    from scipy.ndimage import distance_transform_edt
+
+    _, (ri, ci) = distance_transform_edt(~inside.numpy(), return_indices=True)
+    assert torch.equal(out, out[torch.from_numpy(ri), torch.from_numpy(ci)])
+
+
+def test_zero_steps_is_a_no_op(mesh, model_and_embeddings):
+    model, emb = model_and_embeddings
+    tex = start_texture()
+    out = refine_texture(mesh, tex, model, emb, replace(CFG, refine_steps=0), "cpu",
+                         make_generator(0))
+    assert out is tex
+
+
+def test_moves_toward_targets_with_view_prompts_and_rising_strength(mesh, monkeypatch):
+    """A stand-in img2img that returns solid green: the covered texels turn green, and each call
+    gets the right view's embedding and a strength rising from start to end."""
+    import tdgen.guidance as guidance
+
+    calls = []
+
+    def fake_img2img(model, images, cond, uncond, strength, ddim_steps, guidance_scale, generator):
+        calls.append((cond[0, 0, 0].item(), strength, ddim_steps, guidance_scale, images.dtype))
+        out = torch.zeros_like(images, dtype=torch.float32)
+        out[:, 1] = 1.0
+        return out
+
+    monkeypatch.setattr(guidance, "img2img_target", fake_img2img)
+
+    class Model:
+        device = torch.device("cpu")
+        dtype = torch.float16
+
+    codes = {"front": 1.0, "side": 2.0, "back": 3.0}
+    emb = guidance.PromptEmbeddings(
+        uncond=torch.zeros(1, 4, 8),
+        views={k: torch.full((1, 4, 8), v) for k, v in codes.items()},
+    )
+    cfg = replace(CFG, refine_steps=12, refine_lr=0.2, refine_strength_start=0.3,
+                  refine_strength_end=0.9)
+    out = refine_texture(mesh, start_texture(), Model(), emb, cfg, "cpu", make_generator(1))
+    inside = chart_mask(mesh, 64)
+    green = out[inside]
+    assert green[:, 1].mean() > 0.9 and green[:, 0].mean() < 0.2 and green[:, 2].mean() < 0.2
+    assert [round(c[1], 6) for c in calls] == [round(strength_at(i, 12, cfg), 6) for i in range(12)]
+    assert calls[0][1] == pytest.approx(0.3) and calls[-1][1] == pytest.approx(0.9)
+    assert all(c[2] == cfg.refine_ddim_steps and c[3] == cfg.refine_guidance_scale for c in calls)
+    assert all(c[4] == torch.float16 for c in calls)  # model inputs in the model's dtype
+    assert len({c[0] for c in calls}) >= 2  # random azimuths pick different view prompts
