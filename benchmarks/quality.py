@@ -76,18 +76,23 @@ def quality_config(smoke: bool, device: torch.device) -> Config:
         "draft",
         {
             **common,
-            # Case B: the CPU renderer costs about a second a step, so few steps and Gaussians,
-            # with faster colour and opacity learning rates to get there in time.
-            "stage1.steps": 60,
+            # Case B: the CPU renderer costs a few tenths of a second a step, so 100 steps and
+            # few Gaussians, with learning rates raised so colours, opacities (logit −2.2 → +2)
+            # and scales can get where they must within that many Adam steps.
+            "stage1.steps": 100,
             "stage1.resolution": 64,
             "stage1.encode_resolution": 0,
             "stage1.num_points": 600,
             "stage1.max_points": 3000,
-            "stage1.lr_color": 0.05,
+            "stage1.lr_position": 0.02,
+            "stage1.lr_position_final": 0.002,
+            "stage1.lr_color": 0.08,
+            "stage1.lr_opacity": 0.15,
+            "stage1.lr_scale": 0.02,
             "stage1.densify_every": 10,
             "mesh.grid": 64,
             "mesh.triangles": 3000,
-            "texture.size": 128,
+            "texture.size": 256,
             "texture.bake_views": 14,
             "texture.bake_resolution": 96,
         },

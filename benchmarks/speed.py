@@ -96,7 +96,10 @@ def tiny_autoencoder(model, device: torch.device):
     if model.tiny_vae is not None:
         return model.tiny_vae
     if "random:" in model.model_id:
-        return build_tiny_autoencoder(device, model.dtype)
+        ae = build_tiny_autoencoder(device, model.dtype)
+        if device.type == "cuda":  # as assemble_model does for a loaded tiny encoder
+            ae.to(memory_format=torch.channels_last)
+        return ae
     from diffusers import AutoencoderTiny
 
     with torch.device(device):

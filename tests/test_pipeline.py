@@ -118,3 +118,19 @@ def test_mesh_command_half_red_half_blue(tmp_path):
         assert covered.sum() > 100
         mean = rgb[view][covered].mean(0)
         assert mean[want] > 0.6 and mean[other] < 0.3, (view, mean)
+
+
+@pytest.mark.gpu
+def test_generate_on_cuda_with_tiny_model(tmp_path, tiny_config):
+    """The whole pipeline on the GPU path (gsplat, CUDA graphs, GPU grid/raster) with the tiny model."""
+    from tdgen.pipeline import generate
+    from tdgen.testing.gltf_validator import validator_available
+
+    out = tmp_path / "cuda.glb"
+    result = generate("a red chair", tiny_config, out, device="cuda")
+    assert result.counts["triangles"] > 0 and out.stat().st_size > 0
+    if validator_available():
+        _assert_valid_glb(out)
+    else:
+        scene = trimesh.load(out)
+        assert next(iter(scene.geometry.values())).visual.uv is not None
