@@ -84,5 +84,48 @@ def main():
     print(json.dumps(out))
 
 
+def vae_variants():
+    """VAE encoder forward+backward at 512², the larger half of an SDS step: which settings help."""
+    from diffusers import AutoencoderKL
+
+    dev = torch.device("cuda")
+    rows = []
+    for dtype in (torch.float16, torch.bfloat16):
+        for cl in (False, True):
+            for bench in (False, True):
+                torch.backends.cudnn.benchmark = bench
+                vae = AutoencoderKL(
+                    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+                    block_out_channels=(128, 256, 512, 512),
+                    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                ).to(dev, dtype).eval().requires_grad_(False)
+                if cl:
+                    vae.to(memory_format=torch.channels_last)
+                img = torch.rand(1, 3, 512, 512, device=dev, dtype=dtype)
+                if cl:
+                    img = img.contiguous(memory_format=torch.channels_last)
+                img.requires_grad_(True)
+
+                def enc():
+                    z = vae.encode(img).latent_dist.mean
+                    z.float().sum().backward()
+
+                def fwd():
+                    with torch.no_grad():
+                        vae.encode(img).latent_dist.mean
+
+                rows.append({"dtype": str(dtype).split(".")[-1], "channels_last": cl, "cudnn_benchmark": bench,
+                             "fwd_ms": round(timed(fwd), 2), "fwd_bwd_ms": round(timed(enc), 2)})
+                print(json.dumps(rows[-1]), flush=True)
+                del vae
+    torch.backends.cudnn.benchmark = False
+    return rows
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if "--vae" in sys.argv:
+        vae_variants()
+    else:
+        main()

@@ -15,7 +15,6 @@ transfer; the assets themselves are noise.
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 import sys
 import tempfile
@@ -37,13 +36,11 @@ from benchmarks.common import (
     peak_memory_gib,
     reset_peak_memory,
     set_threads,
-    synchronize,
     timed,
     to_json,
     write_json,
 )
 from tdgen.config import Config, resolve_config
-from tdgen.progress import Progress
 
 PROMPTS = ("a wooden chair", "a red fire hydrant", "a ceramic teapot", "a treasure chest",
            "a potted cactus", "a viking helmet")
@@ -113,51 +110,16 @@ def tiny_autoencoder(model, device: torch.device):
 # Pipeline runs
 
 
-class SubStageClock:
-    """Charges wall time between progress events to the event that opened it.
-
-    Gives sub-stages the pipeline does not time itself (density grid vs marching cubes vs
-    decimation). Approximate on CUDA: only stage boundaries synchronise.
-    """
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self._label: str | None = None
-        self._t = 0.0
-
-    @staticmethod
-    def label(p: Progress) -> str:
-        if p.stage == "mesh" and p.message:
-            # "decimate 41234 → 5000" → "mesh:decimate"
-            return "mesh:" + re.split(r"\s*\d", p.message, maxsplit=1)[0].strip()
-        return p.stage
-
-    def __call__(self, p: Progress) -> None:
-        now = time.perf_counter()
-        if self._label is not None:
-            self.seconds[self._label] = self.seconds.get(self._label, 0.0) + now - self._t
-        self._label, self._t = self.label(p), now
-
-    def close(self) -> dict[str, float]:
-        self(Progress("end", 0, 1))
-        self.seconds.pop("end", None)
-        return self.seconds
-
-
 def one_run(prompt: str, cfg: Config, out: Path, device: torch.device, model) -> dict[str, Any]:
     from tdgen.pipeline import generate
 
-    clock = SubStageClock()
     reset_peak_memory(device)
-    res, wall = timed(lambda: generate(prompt, cfg, out, device=device, model=model, on_progress=clock),
-                      device)
-    sub = clock.close()
+    res, wall = timed(lambda: generate(prompt, cfg, out, device=device, model=model), device)
     steps = res.counts.get("stage1_steps", cfg.stage1.steps)
     return {
         "prompt": prompt,
         "seconds": wall,
-        "timings": dict(res.timings),
-        "substages": {k: v for k, v in sub.items() if k.startswith("mesh:") or k == "grid"},
+        "timings": dict(res.timings),  # stages, and sub-stages as "stage.part" (e.g. mesh.grid)
         "counts": dict(res.counts),
         "sds_steps_per_s": steps / res.timings["stage1"] if res.timings.get("stage1") else None,
         "peak_gib": peak_memory_gib(device),
@@ -182,8 +144,10 @@ def bench_preset(preset: str, args, device: torch.device, model, workdir: Path) 
         runs.append(one_run(prompt, replace(cfg, seed=i), workdir / f"{preset}_{i}.glb", device, model))
     batch_wall = time.perf_counter() - t0
 
-    stages = sorted({k for r in runs for k in r["timings"]}, key=lambda k: (k == "total", k))
-    subs = sorted({k for r in runs for k in r["substages"]})
+    # Pipeline order as reported, sub-stages after their stage, the total last.
+    stages = sorted({k for r in runs for k in r["timings"]},
+                    key=lambda k: (k == "total", list(runs[0]["timings"]).index(k)
+                                   if k in runs[0]["timings"] else 1e9))
     mean = lambda xs: statistics.fmean(xs) if xs else None  # noqa: E731
     warm_total = mean([r["timings"]["total"] for r in runs])
     return {
@@ -196,7 +160,6 @@ def bench_preset(preset: str, args, device: torch.device, model, workdir: Path) 
         "cold_overhead_s": warm_up["timings"]["total"] - warm_total if warm_total else None,
         "runs": runs,
         "stage_seconds": {k: mean([r["timings"][k] for r in runs if k in r["timings"]]) for k in stages},
-        "substage_seconds": {k: mean([r["substages"][k] for r in runs if k in r["substages"]]) for k in subs},
         "total_s": warm_total,
         "sds_steps_per_s": mean([r["sds_steps_per_s"] for r in runs if r["sds_steps_per_s"]]),
         "peak_gib": max((r["peak_gib"] or 0.0) for r in runs) if device.type == "cuda" else None,
@@ -208,16 +171,11 @@ def bench_preset(preset: str, args, device: torch.device, model, workdir: Path) 
 def pipeline_table(results: list[dict[str, Any]]) -> str:
     keys: list[str] = []
     for r in results:
-        for k in list(r["stage_seconds"]) + [f"  {s}" for s in r["substage_seconds"]]:
-            if k not in keys and k != "total":
-                keys.append(k)
+        keys += [k for k in r["stage_seconds"] if k not in keys and k != "total"]
     rows = []
     for k in keys:
-        row = {"what": k}
-        for r in results:
-            src = r["substage_seconds"] if k.startswith("  ") else r["stage_seconds"]
-            row[r["preset"]] = src.get(k.strip())
-        rows.append(row)
+        label = "  " + k if "." in k else k  # sub-stages indented under their stage
+        rows.append({"what": label, **{r["preset"]: r["stage_seconds"].get(k) for r in results}})
     extra = [
         ("total to .glb (s)", "total_s"), ("SDS steps/s", "sds_steps_per_s"),
         ("peak GPU memory (GiB)", "peak_gib"), ("cold overhead, first run (s)", "cold_overhead_s"),

@@ -185,8 +185,11 @@ SECTIONS: dict[str, type] = {
 
 def _presets_dir() -> Path:
     # presets/ lives at the repository root and is installed as the package `tdgen.presets`
-    # (pyproject's package-dir), so one lookup serves both a checkout and an installed wheel.
-    return Path(str(importlib.resources.files("tdgen.presets")))
+    # (pyproject's package-dir); a checkout used through PYTHONPATH, uninstalled, reads it directly.
+    try:
+        return Path(str(importlib.resources.files("tdgen.presets")))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "presets"
 
 
 def preset_names() -> list[str]:

@@ -267,6 +267,9 @@ def test_backends_agree_on_gpu():
     b = render_gaussians(g, cams, bgs, backend="torch")
     assert (a.rgb - b.rgb).abs().mean() < 2e-3
     assert (a.alpha - b.alpha).abs().mean() < 2e-3
-    torch.testing.assert_close(a.info["means2d"], b.info["means2d"], atol=1e-3, rtol=0)
+    # gsplat leaves means2d of culled splats unwritten (zero); compare the ones both rendered
+    both = (a.info["radii"] > 0).all(-1) & (b.info["radii"] > 0).all(-1)
+    assert both.float().mean() > 0.9
+    torch.testing.assert_close(a.info["means2d"][both], b.info["means2d"][both], atol=1e-3, rtol=0)
     # Radii are ceil()ed, so float rounding may move a rare one by a pixel.
     assert (a.info["radii"].int() == b.info["radii"].int()).float().mean() > 0.99
