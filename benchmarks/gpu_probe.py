@@ -122,9 +122,48 @@ def vae_variants():
     return rows
 
 
+def unet_variants():
+    """The UNet's CFG forward (batch 2, 64² latents): NCHW vs channels_last, eager vs CUDA graph."""
+    from diffusers import UNet2DConditionModel
+
+    dev = torch.device("cuda")
+    unet = UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
+    ).to(dev, torch.float16).eval().requires_grad_(False)
+    emb = torch.randn(2, 77, 1024, device=dev, dtype=torch.float16)
+    t = torch.tensor([500, 500], device=dev)
+    rows = []
+    for cl in (False, True):
+        unet.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
+        lat = torch.randn(2, 4, 64, 64, device=dev, dtype=torch.float16)
+        if cl:
+            lat = lat.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            eager = timed(lambda: unet(lat, t, encoder_hidden_states=emb).sample)
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(3):
+                    unet(lat, t, encoder_hidden_states=emb)
+            torch.cuda.current_stream().wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                unet(lat, t, encoder_hidden_states=emb)
+            graph = timed(g.replay)
+        rows.append({"channels_last": cl, "eager_ms": round(eager, 2), "graph_ms": round(graph, 2)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 if __name__ == "__main__":
     import sys
 
+    if "--unet" in sys.argv:
+        unet_variants()
     if "--vae" in sys.argv:
         vae_variants()
     else:

@@ -162,8 +162,9 @@ def gaussians_on_surface(ref: Reference, n: int, seed: int = 0, flatness: float 
     )
 
 
-def run_case_a(ref: Reference, cfg: Config, sizes: Sizes, workdir: Path, device: torch.device) -> tuple[Path, dict]:
-    """Stage 2 alone, through `pipeline.mesh_from_splat`; returns the .glb and the timings."""
+def run_case_a(ref: Reference, cfg: Config, sizes: Sizes, workdir: Path,
+               device: torch.device) -> tuple[Path, dict, dict]:
+    """Stage 2 alone, through `pipeline.mesh_from_splat`; returns the .glb, timings and counts."""
     from tdgen.gaussians import save_ply
     from tdgen.pipeline import mesh_from_splat
 
@@ -176,7 +177,7 @@ def run_case_a(ref: Reference, cfg: Config, sizes: Sizes, workdir: Path, device:
     save_ply(g, ply)
     out = workdir / f"{ref.name}_A.glb"
     res = mesh_from_splat(ply, cfg, out, device=device)
-    return out, {**res.timings, **{f"n_{k}": v for k, v in res.counts.items()}}
+    return out, dict(res.timings), dict(res.counts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,8 +218,9 @@ class OracleGuidance:
         return self.weight * F.mse_loss(images, target)
 
 
-def run_case_b(ref: Reference, cfg: Config, workdir: Path, device: torch.device) -> tuple[Path, dict]:
-    """Sphere init → `optimize_gaussians` with the oracle → `.ply` → `pipeline.mesh_from_splat`."""
+def run_case_b(ref: Reference, cfg: Config, workdir: Path, device: torch.device) -> tuple[Path, dict, dict]:
+    """Sphere init → `optimize_gaussians` with the oracle → `.ply` → `pipeline.mesh_from_splat`;
+    returns the .glb, timings and stage-1 facts (Gaussians, loss at the start and end)."""
     from tdgen.gaussians import save_ply
     from tdgen.optimize import optimize_gaussians
     from tdgen.pipeline import mesh_from_splat
@@ -235,8 +237,9 @@ def run_case_b(ref: Reference, cfg: Config, workdir: Path, device: torch.device)
     losses = s1.losses
     first = float(np.mean(losses[: max(1, len(losses) // 10)]))
     last = float(np.mean(losses[-max(1, len(losses) // 10):]))
-    return out, {"stage1": t_stage1, **res.timings, "n_gaussians": s1.gaussians.num,
-                 "loss_first": first, "loss_last": last, "oracle_calls": oracle.calls}
+    return out, {"stage1": t_stage1, **res.timings}, {
+        "gaussians": s1.gaussians.num, "loss_first": first, "loss_last": last,
+        "oracle_calls": oracle.calls}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,14 +386,13 @@ def run(refs: list[Reference], cases: list[str], cfg: Config, sizes: Sizes, devi
             row: dict[str, Any] = {"case": case, "object": ref.name}
             try:
                 if case == "A":
-                    glb, timings = run_case_a(ref, cfg, sizes, workdir, device)
+                    glb, timings, counts = run_case_a(ref, cfg, sizes, workdir, device)
                 else:
-                    glb, timings = run_case_b(ref, cfg, workdir, device)
+                    glb, timings, counts = run_case_b(ref, cfg, workdir, device)
                 img = workdir / f"{ref.name}_{case}.compare.png" if images else None
                 row.update(measure(glb, ref, cfg, sizes, device, img))
-                row["timings"] = {k: round(v, 3) for k, v in timings.items() if not k.startswith("n_")
-                                  and isinstance(v, float)}
-                row["counts"] = {k: v for k, v in timings.items() if k not in row["timings"]}
+                row["timings"] = {k: round(v, 3) for k, v in timings.items()}
+                row["counts"] = counts
                 row["glb"] = str(glb)
             except Exception as e:  # one broken case must not hide the others' numbers
                 row["error"] = f"{type(e).__name__}: {e}"

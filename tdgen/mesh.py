@@ -32,6 +32,9 @@ _PAIRS_PER_PASS = {"cuda": 1 << 24, "cpu": 1 << 20}
 # Density grid
 
 
+MIN_PEAK_DENSITY = 0.05
+"""Below this peak density the splat is treated as empty rather than traced at half its peak."""
+
 def _stencil_radius(r: Tensor) -> Tensor:
     """Round per-axis voxel radii up to a few sizes, so Gaussians share a handful of stencils.
 
@@ -220,18 +223,24 @@ def extract_mesh(
         dens = dens.cpu().numpy()
     origin = origin.cpu().numpy().astype(np.float64)
 
-    on_progress(Progress("mesh", 0, 4, message="marching cubes"))
-    occupied = dens > cfg.threshold
+    threshold = float(cfg.threshold)
+    peak = float(dens.max())
+    if peak <= threshold and peak > MIN_PEAK_DENSITY:
+        # A faint splat (few or translucent Gaussians after a short run) never reaches the absolute
+        # iso-level; half its peak still traces its shape, and an asset beats an error here.
+        threshold = 0.5 * peak
+    on_progress(Progress("mesh", 0, 4, message=f"marching cubes at density {threshold:.3g}"))
+    occupied = dens > threshold
     if not occupied.any():
         raise GenerationError(
             f"no surface: the splat density never reaches mesh.threshold={cfg.threshold} "
-            f"(peak {float(dens.max()):.3g}); lower mesh.threshold or check that the splat is not "
+            f"(peak {peak:.3g}); lower mesh.threshold or check that the splat is not "
             "empty"
         )
-    dens[_fill_cavities(occupied)] = 2.0 * cfg.threshold + float(dens.max())
+    dens[_fill_cavities(occupied)] = 2.0 * threshold + peak
     # A zero layer round the lattice: density above the threshold at the border still closes.
     dens = np.pad(dens, 1)
-    verts, tris = mcubes.marching_cubes(dens, float(cfg.threshold))
+    verts, tris = mcubes.marching_cubes(dens, threshold)
     verts = (verts - 1.0) * voxel + origin  # lattice index (x, y, z) → world
     # PyMCubes already winds triangles CCW seen from the low-density side, i.e. from outside
     # (glTF front faces); tests/test_mesh.py checks this on a sphere.

@@ -128,9 +128,19 @@ def test_empty_splat_raises_generation_error():
     g = isotropic(fibonacci_sphere(100, 0.5), sigma=0.02, opacity=0.001)
     with pytest.raises(GenerationError, match="min_opacity"):
         extract_mesh(g, MeshConfig(grid=32), "cpu")
-    g = isotropic(fibonacci_sphere(100, 0.5), sigma=0.02, opacity=0.5)
+    # opacities above min_opacity but a peak density too faint to be a surface
+    g = isotropic(fibonacci_sphere(100, 0.5), sigma=0.02, opacity=0.01)
     with pytest.raises(GenerationError, match="lower mesh.threshold"):
-        extract_mesh(g, MeshConfig(grid=32, threshold=50.0), "cpu")
+        extract_mesh(g, MeshConfig(grid=32, threshold=1.0), "cpu")
+
+
+def test_faint_splat_is_traced_at_half_its_peak():
+    """A splat whose density never reaches the iso-level still gives its shape, not an error."""
+    g = isotropic(fibonacci_sphere(3000, 0.5), sigma=0.03, opacity=0.9)
+    mesh = extract_mesh(g, MeshConfig(grid=48, threshold=50.0, triangles=2000), "cpu")
+    r = np.linalg.norm(mesh.vertices, axis=1)
+    assert mesh.num_faces > 100
+    assert abs(r.mean() - 0.5) < 0.05
 
 
 def test_progress_reports_grid_and_mesh_stages():
