@@ -51,12 +51,26 @@ SMOKE_OBJECTS = ("sphere", "mug")
 """What `--smoke` measures by default: a checker (texture placement) and the asymmetric mug with
 its thin handle (flips, thin parts). The thresholds below are set for these two."""
 
-# Smoke thresholds, from measured CPU values with margin (README). Each is missed by a deliberately
-# broken stage: a grey bake (PSNR∩), a mesh shifted by 10 % or mirrored (chamfer, IoU), an oracle
-# run that did not learn (everything in B).
+# Smoke thresholds, from measured CPU values with margin. Each is missed by a deliberately broken
+# stage: a grey bake (PSNR∩), a mesh shifted by 10 % or mirrored (chamfer, IoU), an inner wall
+# from a leaking cavity fill (NC±, case A only: B's splats have one, see README), an oracle run
+# that learned little (B).
 SMOKE_THRESHOLDS: dict[str, dict[str, tuple[str, float]]] = {
-    "A": {"chamfer": ("<", 0.025), "fscore": (">", 0.2), "mask_iou": (">", 0.8), "psnr_masked": (">", 14.0)},
-    "B": {"chamfer": ("<", 0.05), "fscore": (">", 0.1), "mask_iou": (">", 0.7), "psnr_masked": (">", 13.0)},
+    # measured (sphere / mug): chamfer .0042/.0141, F .997/.312, NC± .994/.939, IoU .985/.887,
+    # PSNR∩ 16.9/16.1; the mug shifted 10 %: chamfer .040, IoU .73; grey bake: PSNR∩ 9–11.
+    "A": {"chamfer": ("<", 0.025), "fscore": (">", 0.2), "normal_agreement": (">", 0.8),
+          "mask_iou": (">", 0.8), "psnr_masked": (">", 14.0)},
+    # measured over runs (CPU stage 1 is not bit-reproducible): chamfer .027–.028/.035–.038,
+    # F .35–.39/.10–.16, IoU .946–.965/.840–.866, PSNR∩ 15.4–16.4/17.6–18.2; a mean-colour ball
+    # (a stage 1 that learned only the silhouette's size): mug chamfer .052, IoU .655, PSNR∩ 11.5.
+    "B": {"chamfer": ("<", 0.045), "fscore": (">", 0.05), "mask_iou": (">", 0.75),
+          "psnr_masked": (">", 13.5)},
+}
+SMOKE_OBJECT_THRESHOLDS: dict[tuple[str, str], dict[str, tuple[str, float]]] = {
+    # The sphere's case A is near exact, so a 10 % stretch along x (chamfer .010, IoU .950) must
+    # fail too. The mug's cannot be held that tight: its mesh is one shell-thickness fatter than
+    # the splat, which the height normalisation turns into a narrower mug of the same kind.
+    ("A", "sphere"): {"chamfer": ("<", 0.008), "mask_iou": (">", 0.965)},
 }
 
 
@@ -85,7 +99,7 @@ def quality_config(smoke: bool, device: torch.device) -> Config:
             # few Gaussians, with learning rates raised so colours, opacities (logit −2.2 → +2)
             # and scales can get where they must within that many Adam steps.
             "stage1.steps": 200,
-            "stage1.resolution": 64,
+            "stage1.resolution": 128,
             "stage1.encode_resolution": 0,
             "stage1.num_points": 600,
             "stage1.max_points": 3000,
@@ -361,10 +375,12 @@ def save_comparison(pred_rgb: Tensor, ref_rgb: Tensor, path: Path) -> None:
         Image.fromarray(img).save(tmp, format="PNG")
 
 
-def check_thresholds(case: str, metrics: dict[str, float]) -> list[str]:
-    """Names of the smoke thresholds `metrics` misses, e.g. ['chamfer 0.031 !< 0.02']."""
+def check_thresholds(case: str, metrics: dict[str, float], obj: str | None = None) -> list[str]:
+    """The smoke thresholds `metrics` misses, e.g. ['chamfer 0.031 !< 0.02']; `obj` adds that
+    reference's own tighter limits."""
     failed = []
-    for key, (op, limit) in SMOKE_THRESHOLDS[case].items():
+    limits = {**SMOKE_THRESHOLDS[case], **SMOKE_OBJECT_THRESHOLDS.get((case, obj or ""), {})}
+    for key, (op, limit) in limits.items():
         v = metrics.get(key)
         ok = v is not None and (v < limit if op == "<" else v > limit)
         if not ok:
@@ -398,7 +414,7 @@ def run(refs: list[Reference], cases: list[str], cfg: Config, sizes: Sizes, devi
                 row["error"] = f"{type(e).__name__}: {e}"
             row["seconds"] = round(time.perf_counter() - t0, 2)
             if smoke:
-                row["failed"] = [row["error"]] if "error" in row else check_thresholds(case, row)
+                row["failed"] = [row["error"]] if "error" in row else check_thresholds(case, row, ref.name)
                 row["passed"] = not row["failed"]
             log(f"[quality]   done in {row['seconds']} s")
             rows.append(row)
@@ -460,7 +476,8 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "quality",
         "smoke": args.smoke,
         "environment": environment(device),
-        "thresholds": SMOKE_THRESHOLDS if args.smoke else None,
+        "thresholds": ({**SMOKE_THRESHOLDS, **{f"{c}/{o}": t for (c, o), t in SMOKE_OBJECT_THRESHOLDS.items()}}
+                       if args.smoke else None),
         "config": {"stage1_steps": cfg.stage1.steps, "stage1_resolution": cfg.stage1.resolution,
                    "mesh_grid": cfg.mesh.grid, "texture_size": cfg.texture.size,
                    "surface_gaussians": sizes.surface_gaussians,

@@ -255,7 +255,8 @@ def bench_sds(model, device: torch.device, resolution: int, steps: int, warmup: 
     return rows
 
 
-SDS_TABLE = [("name", "variant", ""), ("render", "render", ""), ("encode", "encode", ""),
+SDS_TABLE = [("name", "variant", ""), ("graphs", "graph used", ""), ("render", "render", ""),
+             ("encode", "encode", ""),
              ("ms_per_step", "ms/step", ".2f"), ("steps_per_s", "steps/s", ".1f"),
              ("warmup_s", "warm-up s", ".2f"), ("peak_gib", "peak GiB", ".2f")]
 

@@ -142,9 +142,10 @@ class TextureConfig:
     refine_resolution: int = 512
     """Render size of each refinement view."""
     refine_strength_start: float = 0.8
-    """SDEdit noise strength at the first refinement step (fraction of the DDIM schedule)."""
+    """SDEdit strength at the first refinement step, as DreamGaussian uses it: the fraction of the
+    DDIM schedule skipped, so 0.8 of 50 steps noises the render to t≈180/1000 and denoises in 10."""
     refine_strength_end: float = 0.95
-    """SDEdit noise strength at the last refinement step."""
+    """SDEdit strength at the last refinement step (0.95 of 50: 3 denoising steps, a light touch)."""
     refine_ddim_steps: int = 50
     """Length of the DDIM schedule the SDEdit strength refers to."""
     refine_guidance_scale: float = 7.5

@@ -128,7 +128,7 @@ def test_quality_smoke_case_b_oracle_pipeline(smoke_rows, name):
 
 
 @pytest.mark.slow
-def test_quality_smoke_catches_a_broken_bake_and_a_shifted_mesh(smoke_rows):
+def test_quality_smoke_catches_a_broken_bake_and_a_moved_or_stretched_mesh(smoke_rows):
     from pathlib import Path
 
     ref = BUILDERS["mug"]()
@@ -140,7 +140,15 @@ def test_quality_smoke_catches_a_broken_bake_and_a_shifted_mesh(smoke_rows):
     assert any(f.startswith("psnr_masked") for f in quality.check_thresholds("A", grey))
     shift = np.array([0.1, 0, 0], np.float32) * np.ptp(ref.mesh.vertices[:, 0])
     moved = Mesh(pred.vertices + shift, pred.faces, pred.normals, pred.uvs)
-    assert quality.check_thresholds("A", quality.measure_mesh(moved, tex, ref, cfg, sizes, CPU))
+    assert quality.check_thresholds("A", quality.measure_mesh(moved, tex, ref, cfg, sizes, CPU), "mug")
+
+    # A shift before export is undone by the export's pivot; a stretch is not.
+    sphere = BUILDERS["sphere"]()
+    row = smoke_rows[("A", "sphere")]
+    pred, tex = quality.read_glb_in_reference_frame(Path(row["glb"]), sphere, cfg.export.height)
+    wide = Mesh(pred.vertices * np.array([1.1, 1, 1], np.float32), pred.faces, pred.normals, pred.uvs)
+    failed = quality.check_thresholds("A", quality.measure_mesh(wide, tex, sphere, cfg, sizes, CPU), "sphere")
+    assert {f.split()[0] for f in failed} >= {"chamfer", "mask_iou"}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -312,8 +312,29 @@ def test_img2img_target(model, emb):
     assert a.shape == (1, 3, 64, 64) and a.dtype == torch.float32
     assert a.min() >= 0 and a.max() <= 1 and not a.requires_grad
     assert torch.equal(a, run(0.5))  # seeded → reproducible
-    assert not torch.allclose(a, run(1.0), atol=1e-3)  # strength changes the result
-    assert torch.equal(run(0.0), images)  # nothing re-noised → the input back
+    assert not torch.allclose(a, run(0.0), atol=1e-3)  # strength changes the result
+    assert torch.equal(run(1.0), images)  # the whole schedule skipped → the input back
+
+
+@pytest.mark.parametrize("strength, calls", [(0.8, 10), (0.95, 3), (0.0, 50)])
+def test_img2img_strength_skips_that_fraction_of_the_schedule(model, emb, monkeypatch, strength, calls):
+    """DreamGaussian's convention: denoise from index int(steps·strength) of a 50-step schedule."""
+    import tdgen.guidance as G
+
+    seen = []
+    real = G.predict_noise_cfg
+
+    def counting(model, noisy, t, *a, **k):
+        seen.append(int(t[0]))
+        return real(model, noisy, t, *a, **k)
+
+    monkeypatch.setattr(G, "predict_noise_cfg", counting)
+    images = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    img2img_target(model, images, emb.views["front"], emb.uncond, strength, 50, 7.5, torch.Generator().manual_seed(0))
+    assert len(seen) == calls
+    assert seen == sorted(seen, reverse=True)
+    if strength == 0.8:
+        assert 150 <= seen[0] <= 220  # a light re-noise, not a new image
 
 
 @pytest.mark.gpu
