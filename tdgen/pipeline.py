@@ -126,8 +126,8 @@ def generate(
     on_progress: ProgressFn = no_progress,
 ) -> GenerateResult:
     """Text → asset. `out` ending in `.glb` runs both stages; `.ply` stops after the splat."""
-    from tdgen.guidance import SDSGuidance, encode_prompt, load_model
     from tdgen.gaussians import save_ply
+    from tdgen.guidance import SDSGuidance
     from tdgen.optimize import optimize_gaussians
 
     # 1. check inputs
@@ -139,18 +139,8 @@ def generate(
     timer = _Timer(dev, result.timings)
     t_start = time.perf_counter()
 
-    # 2. load the diffusion model (once per process when the caller passes one in)
-    if model is None:
-        on_progress(Progress("load", 0, 1, message=cfg.model.id))
-        with timer("load"):
-            model = load_model(cfg.model, dev)
-        on_progress(Progress("load", 1, 1))
-
-    # 3. encode the prompt once (view-dependent variants and the negative prompt)
-    with timer("encode"):
-        embeddings = encode_prompt(
-            model, prompt, negative=cfg.stage1.negative_prompt, view_prompts=cfg.stage1.view_prompts
-        )
+    # 2.-3. load the diffusion model (unless the caller shares one) and encode the prompt once
+    model, embeddings = _model_and_embeddings(prompt, cfg, dev, model, timer, on_progress)
 
     # 4. stage 1: Gaussians optimised with score distillation
     generator = make_generator(cfg.seed, dev)
@@ -175,11 +165,7 @@ def generate(
         _stage2(gaussians, cfg, out, dev, model, embeddings, generator, timer, result, on_progress)
 
     # 7. the resolved config beside the output
-    cfg_path = config_path_for(out)
-    atomic_write_text(cfg_path, dump_toml(cfg))
-    result.outputs["config"] = cfg_path
-    result.timings["total"] = time.perf_counter() - t_start
-    return result
+    return _finish(cfg, out, result, t_start)
 
 
 def mesh_from_splat(
@@ -195,7 +181,6 @@ def mesh_from_splat(
     """Any INRIA-layout 3DGS `.ply` → textured `.glb`. With a prompt, the texture is refined
     against the diffusion model (loaded here unless passed in); without one it is baked only."""
     from tdgen.gaussians import load_ply
-    from tdgen.guidance import encode_prompt, load_model
 
     # 1. check inputs before any heavy work
     out = check_output_path(Path(out), (".glb",))
@@ -211,15 +196,7 @@ def mesh_from_splat(
     embeddings = None
     refine = prompt is not None and prompt.strip() != "" and cfg.texture.refine_steps > 0
     if refine:
-        if model is None:
-            on_progress(Progress("load", 0, 1, message=cfg.model.id))
-            with timer("load"):
-                model = load_model(cfg.model, dev)
-            on_progress(Progress("load", 1, 1))
-        with timer("encode"):
-            embeddings = encode_prompt(
-                model, prompt, negative=cfg.stage1.negative_prompt, view_prompts=cfg.stage1.view_prompts
-            )
+        model, embeddings = _model_and_embeddings(prompt, cfg, dev, model, timer, on_progress)
     else:
         model = None
 
@@ -228,6 +205,25 @@ def mesh_from_splat(
     _stage2(gaussians.to(dev), cfg, out, dev, model, embeddings, generator, timer, result, on_progress)
 
     # 4. the resolved config beside the output
+    return _finish(cfg, out, result, t_start)
+
+
+def _model_and_embeddings(prompt, cfg: Config, dev, model, timer: _Timer, on_progress: ProgressFn):
+    from tdgen.guidance import encode_prompt, load_model
+
+    if model is None:
+        on_progress(Progress("load", 0, 1, message=cfg.model.id))
+        with timer("load"):
+            model = load_model(cfg.model, dev)
+        on_progress(Progress("load", 1, 1))
+    with timer("encode"):
+        embeddings = encode_prompt(
+            model, prompt, negative=cfg.stage1.negative_prompt, view_prompts=cfg.stage1.view_prompts
+        )
+    return model, embeddings
+
+
+def _finish(cfg: Config, out: Path, result: GenerateResult, t_start: float) -> GenerateResult:
     cfg_path = config_path_for(out)
     atomic_write_text(cfg_path, dump_toml(cfg))
     result.outputs["config"] = cfg_path
