@@ -32,6 +32,10 @@ _PAIRS_PER_PASS = {"cuda": 1 << 24, "cpu": 1 << 20}
 # Density grid
 
 
+CLOSE_VOXELS = 2
+"""Pinholes up to about this many voxels wide in a hollow splat's shell are closed before the
+cavity is filled (else marching cubes adds an inward-facing inner wall)."""
+
 MIN_PEAK_DENSITY = 0.05
 """Below this peak density the splat is treated as empty rather than traced at half its peak."""
 
@@ -144,9 +148,18 @@ def _fill_cavities(occupied: np.ndarray) -> np.ndarray:
     SDS splats are mostly a shell; without this, marching cubes adds an inward-facing inner
     wall that doubles the triangle count, wastes texture space and is never seen.
     """
-    from scipy.ndimage import binary_fill_holes
+    from scipy.ndimage import binary_dilation, binary_fill_holes, generate_binary_structure
 
-    return binary_fill_holes(occupied) & ~occupied
+    # A thin shell has pinholes a voxel or two wide through which the inside "reaches" the
+    # outside, and then nothing would be filled. Find the cavity inside the shell thickened by
+    # r voxels (no pinholes left), then grow it back by r + 1 so it meets the shell and plugs
+    # the pinholes, without reaching past the shell's outer side.
+    r = CLOSE_VOXELS
+    st = generate_binary_structure(3, 1)
+    thick = binary_dilation(np.pad(occupied, r + 1), st, iterations=r)
+    cavity = binary_fill_holes(thick) & ~thick
+    cavity = binary_dilation(cavity, st, iterations=r + 1)[r + 1:-r - 1, r + 1:-r - 1, r + 1:-r - 1]
+    return cavity & ~occupied
 
 
 # ---------------------------------------------------------------------------------------------

@@ -160,3 +160,18 @@ def test_density_grid_cuda_matches_cpu():
     gpu, o_gpu, v_gpu = density_grid(g.means, g.covariances(), g.alpha(), 64)
     assert v_gpu == pytest.approx(v_cpu, rel=1e-5)
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=1e-4)
+
+
+def test_sparse_thin_shell_gives_no_inner_wall():
+    """A shell with pinholes (splats thinner than a voxel, spaced apart) must still be filled:
+    otherwise marching cubes adds an inward-facing wall inside the object."""
+    # spacing ≈ 2σ and σ ≈ half a voxel: the iso-shell is about one voxel thick, with pinholes
+    g = isotropic(fibonacci_sphere(20000, 0.5), sigma=0.006, opacity=0.95)
+    mesh = extract_mesh(g, MeshConfig(grid=96, triangles=4000), "cpu")
+    centres = mesh.vertices[mesh.faces].mean(1)
+    n = np.cross(mesh.vertices[mesh.faces[:, 1]] - mesh.vertices[mesh.faces[:, 0]],
+                 mesh.vertices[mesh.faces[:, 2]] - mesh.vertices[mesh.faces[:, 0]])
+    inward = (np.einsum("ij,ij->i", n, centres) < 0).mean()
+    assert inward < 0.02, f"{inward:.1%} of faces face inward"
+    r = np.linalg.norm(mesh.vertices, axis=1)
+    assert r.min() > 0.48  # no wall inside the shell
