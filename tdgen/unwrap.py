@@ -37,9 +37,40 @@ def unwrap_mesh(mesh: Mesh, cfg: TextureConfig) -> Mesh:
 
     chart = xatlas.ChartOptions()
     pack = xatlas.PackOptions()
-    pack.padding = int(cfg.padding)
     pack.bilinear = True  # leave a texel of gutter so bilinear lookups do not bleed across charts
     pack.blockAlign = True  # faster packing, at a small cost in utilisation
+    # Many small charts in a small texture can need more gutter than there is room for: then
+    # accept a narrower gutter (down to one texel) rather than fail the asset.
+    paddings = sorted({int(cfg.padding), max(1, int(cfg.padding) // 2), 1}, reverse=True)
+    atlas = None
+    for padding in paddings:
+        pack.padding = padding
+        atlas = _pack(positions, indices, normals, chart, pack, size)
+        if atlas is not None:
+            break
+    if atlas is None:
+        raise GenerationError(
+            f"xatlas could not pack the UV charts into one {size}² texture; raise texture.size "
+            "or lower mesh.triangles"
+        )
+    width, height = int(atlas.width), int(atlas.height)
+
+    vmapping, new_faces, uvs = atlas[0]  # [V'] source vertex, [F, 3], [V', 2] in [0, 1] of W×H
+    vmapping = vmapping.astype(np.int64)
+    # xatlas normalises by its own width/height; express in the size² texture (texel units kept).
+    uvs = uvs.astype(np.float64) * np.array([width / size, height / size])
+    return Mesh(
+        vertices=mesh.vertices[vmapping].astype(np.float32),
+        faces=new_faces.astype(np.int64),
+        normals=mesh.normals[vmapping].astype(np.float32),
+        uvs=np.clip(uvs, 0.0, 1.0).astype(np.float32),
+    )
+
+
+def _pack(positions, indices, normals, chart, pack, size: int):
+    """One atlas page of at most `size`², or None when the charts do not fit at this padding."""
+    import xatlas
+
     # With texels_per_unit = 0 xatlas estimates a density for `resolution` but then grows the
     # atlas past it (by 1.2–1.7× in our meshes, padding being the slack); with a density set,
     # pages are exactly `resolution`² but charts may spill onto a second page. Every try re-runs
@@ -54,25 +85,10 @@ def unwrap_mesh(mesh: Mesh, cfg: TextureConfig) -> Mesh:
         atlas.generate(chart, pack)
         width, height = int(atlas.width), int(atlas.height)
         if atlas.atlas_count == 1 and width <= size and height <= size:
-            break
+            return atlas
         if max(width, height) > size:
             shrink = size / max(width, height) * 0.95
         else:  # exact pages, but a second one: padding is a fixed cost, so shrink in bigger steps
             shrink = 0.85
         texels_per_unit = float(atlas.texels_per_unit) * shrink
-    else:
-        raise GenerationError(
-            f"xatlas could not pack the UV charts into one {size}² texture; raise texture.size "
-            "or lower texture.padding"
-        )
-
-    vmapping, new_faces, uvs = atlas[0]  # [V'] source vertex, [F, 3], [V', 2] in [0, 1] of W×H
-    vmapping = vmapping.astype(np.int64)
-    # xatlas normalises by its own width/height; express in the size² texture (texel units kept).
-    uvs = uvs.astype(np.float64) * np.array([width / size, height / size])
-    return Mesh(
-        vertices=mesh.vertices[vmapping].astype(np.float32),
-        faces=new_faces.astype(np.int64),
-        normals=mesh.normals[vmapping].astype(np.float32),
-        uvs=np.clip(uvs, 0.0, 1.0).astype(np.float32),
-    )
+    return None

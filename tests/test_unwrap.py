@@ -88,3 +88,18 @@ def test_empty_mesh_raises():
     empty = Mesh(z, np.zeros((0, 3), np.int64), z)
     with pytest.raises(GenerationError, match="mesh.threshold"):
         unwrap_mesh(empty, TextureConfig(size=64))
+
+
+def test_many_small_charts_in_a_small_texture_still_pack():
+    """A bumpy mesh whose charts cannot fit with a 4-texel gutter falls back to a narrower one."""
+    import trimesh
+
+    from tdgen.mesh import decimate, vertex_normals
+
+    rng = np.random.default_rng(0)
+    tm = trimesh.creation.icosphere(subdivisions=5)
+    v = (tm.vertices * (1 + 0.15 * rng.standard_normal((len(tm.vertices), 1)))).astype(np.float32)
+    v, f = decimate(v, tm.faces.astype(np.int64), 3000)
+    out = unwrap_mesh(Mesh(v.astype(np.float32), f, vertex_normals(v, f)), TextureConfig(size=256))
+    assert out.uvs.min() >= 0 and out.uvs.max() <= 1
+    assert len(out.faces) == len(f)
