@@ -80,7 +80,8 @@ def build_model(args, device: torch.device, workdir: Path):
         from tdgen.testing.full_model import build_full_sd21_base
 
         def build():
-            return build_full_sd21_base(device, dtype, cuda_graphs=not args.no_graphs)
+            return build_full_sd21_base(device, dtype, tiny_encoder=args.tiny_encoder,
+                                        cuda_graphs=not args.no_graphs)
 
     return timed(build, device)
 
@@ -132,6 +133,11 @@ def bench_preset(preset: str, args, device: torch.device, model, workdir: Path) 
         sets.update(TINY)
     if args.quick:
         sets.update({k: v for k, v in QUICK.items() if not args.tiny})
+    if args.tiny_encoder:
+        sets["model.sds_encoder"] = "tiny"
+    for item in args.set:
+        key, _, value = item.partition("=")
+        sets[key] = value
     cfg = resolve_config(preset, sets)
 
     log(f"[speed] {preset}: warm-up run (cold start: JIT kernels, graph capture)")
@@ -275,6 +281,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true", help="the tiny random model at test sizes (CPU)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"])
     ap.add_argument("--no-graphs", action="store_true", help="pipeline runs without CUDA graphs")
+    ap.add_argument("--tiny-encoder", action="store_true",
+                    help="pipeline runs with the tiny SDS encoder (model.sds_encoder = tiny)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra setting for every preset (repeatable)")
     ap.add_argument("--sds-only", action="store_true", help="only the per-step SDS micro-benchmark")
     ap.add_argument("--sds-steps", type=int, default=None, help="timed SDS steps per row (default 30, tiny 3)")
     ap.add_argument("--sds-resolution", type=int, default=None, help="SDS render size (default 512, tiny 64)")
