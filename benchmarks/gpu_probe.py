@@ -27,12 +27,34 @@ def timed(fn, n=20, warmup=3):
     return ts[len(ts) // 2]
 
 
+def _sd21_unet():
+    """SD 2.1-base's UNet (random weights) — the same config as tdgen.testing.full_model."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
+    )
+
+
+def _sd_vae():
+    """SD's AutoencoderKL (random weights)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    )
+
+
 def main():
     import diffusers
     import gsplat
     import transformers
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
     out = {
         "device": torch.cuda.get_device_name(0),
         "torch": torch.__version__,
@@ -55,18 +77,8 @@ def main():
     torch.cuda.synchronize()
     out["gsplat_first_call_s"] = round(time.perf_counter() - t0, 1)
 
-    unet = UNet2DConditionModel(
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
-    ).to(dev, torch.float16).eval()
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    ).to(dev, torch.float16).eval()
+    unet = _sd21_unet().to(dev, torch.float16).eval()
+    vae = _sd_vae().to(dev, torch.float16).eval()
     out["unet_params_M"] = round(sum(p.numel() for p in unet.parameters()) / 1e6, 1)
     lat = torch.randn(2, 4, 64, 64, device=dev, dtype=torch.float16)
     emb = torch.randn(2, 77, 1024, device=dev, dtype=torch.float16)
@@ -86,19 +98,13 @@ def main():
 
 def vae_variants():
     """VAE encoder forward+backward at 512², the larger half of an SDS step: which settings help."""
-    from diffusers import AutoencoderKL
-
     dev = torch.device("cuda")
     rows = []
     for dtype in (torch.float16, torch.bfloat16):
         for cl in (False, True):
             for bench in (False, True):
                 torch.backends.cudnn.benchmark = bench
-                vae = AutoencoderKL(
-                    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
-                    block_out_channels=(128, 256, 512, 512),
-                    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                ).to(dev, dtype).eval().requires_grad_(False)
+                vae = _sd_vae().to(dev, dtype).eval().requires_grad_(False)
                 if cl:
                     vae.to(memory_format=torch.channels_last)
                 img = torch.rand(1, 3, 512, 512, device=dev, dtype=dtype)
@@ -117,23 +123,14 @@ def vae_variants():
                 rows.append({"dtype": str(dtype).split(".")[-1], "channels_last": cl, "cudnn_benchmark": bench,
                              "fwd_ms": round(timed(fwd), 2), "fwd_bwd_ms": round(timed(enc), 2)})
                 print(json.dumps(rows[-1]), flush=True)
-                del vae
     torch.backends.cudnn.benchmark = False
     return rows
 
 
 def unet_variants():
     """The UNet's CFG forward (batch 2, 64² latents): NCHW vs channels_last, eager vs CUDA graph."""
-    from diffusers import UNet2DConditionModel
-
     dev = torch.device("cuda")
-    unet = UNet2DConditionModel(
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
-    ).to(dev, torch.float16).eval().requires_grad_(False)
+    unet = _sd21_unet().to(dev, torch.float16).eval().requires_grad_(False)
     emb = torch.randn(2, 77, 1024, device=dev, dtype=torch.float16)
     t = torch.tensor([500, 500], device=dev)
     rows = []

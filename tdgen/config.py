@@ -460,7 +460,7 @@ def _toml_value(v: Any) -> str:
 
 def dump_toml(cfg: Config) -> str:
     """The whole resolved config as TOML (loadable again with :func:`load_toml_file`)."""
-    lines = [f"# tdgen resolved configuration", ""]
+    lines = ["# tdgen resolved configuration", ""]
     for name in TOP_LEVEL:
         lines.append(f"{name} = {_toml_value(getattr(cfg, name))}")
     for section in SECTIONS:

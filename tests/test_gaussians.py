@@ -45,7 +45,7 @@ def write_ply(path, columns: dict[str, np.ndarray], fmt="binary_little_endian", 
 
 
 def inria_columns(g: Gaussians) -> dict[str, np.ndarray]:
-    n, k = g.num, g.shN.shape[1]
+    k = g.shN.shape[1]
     cols = {f"{a}": g.means[:, i].numpy() for i, a in enumerate("xyz")}
     cols.update({f"f_dc_{i}": g.sh0[:, i].numpy() for i in range(3)})
     for c in range(3):  # INRIA: all R coefficients, then G, then B

@@ -13,7 +13,6 @@ import torch
 from tdgen.config import ModelConfig, Stage1Config
 from tdgen.errors import ModelFormatError, ModelNotFoundError
 from tdgen.guidance import (
-    PromptEmbeddings,
     SDSGuidance,
     encode_prompt,
     img2img_target,
