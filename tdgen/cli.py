@@ -138,10 +138,15 @@ def make(
     def go():
         from tdgen.pipeline import check_output_path, generate
 
+        from tdgen.runtime import resolve_device
+
         cfg = _resolve(preset, set_, config_file, seed=seed, model=model, negative=negative, lods=lods)
         check_output_path(out)
+        dev = resolve_device(device)
+        if dev.type == "cpu":
+            err.print("[yellow]note:[/] no GPU in use: a full-size model takes seconds per step on the CPU (see tdgen doctor)")
         with _Bars(enabled=err.is_terminal or not as_json) as bars:
-            return generate(prompt, cfg, out, device=device, on_progress=bars)
+            return generate(prompt, cfg, out, device=dev, on_progress=bars)
 
     _print_result(_run(go), as_json)
 
@@ -166,6 +171,8 @@ def mesh(
 
         cfg = _resolve(preset, set_, config_file, model=model, lods=lods)
         check_output_path(out, (".glb",))
+        if model is not None and not prompt:
+            err.print("[yellow]note:[/] --model is only used to refine the texture; add --prompt TEXT to refine")
         with _Bars(enabled=err.is_terminal or not as_json) as bars:
             return mesh_from_splat(splat, cfg, out, device=device, prompt=prompt, on_progress=bars)
 
