@@ -156,9 +156,37 @@ def unet_variants():
     return rows
 
 
+def vae_compiled():
+    """The VAE encoder's forward+backward at 512² eager vs torch.compile (and the compile time)."""
+    dev = torch.device("cuda")
+    vae = _sd_vae().to(dev, torch.float16).eval().requires_grad_(False)
+    img = torch.rand(1, 3, 512, 512, device=dev, dtype=torch.float16, requires_grad=True)
+
+    def step(encode):
+        z = encode(img)
+        z.float().sum().backward()
+
+    def eager(x):
+        return vae.encode(x).latent_dist.mean
+
+    rows = {"eager_fwd_bwd_ms": round(timed(lambda: step(eager)), 2)}
+    for mode in ("default", "max-autotune-no-cudagraphs"):
+        torch._dynamo.reset()
+        compiled = torch.compile(eager, mode=mode, fullgraph=False)
+        t0 = time.perf_counter()
+        step(compiled)
+        torch.cuda.synchronize()
+        rows[f"{mode}_compile_s"] = round(time.perf_counter() - t0, 1)
+        rows[f"{mode}_fwd_bwd_ms"] = round(timed(lambda: step(compiled)), 2)
+        print(json.dumps(rows), flush=True)
+    return rows
+
+
 if __name__ == "__main__":
     import sys
 
+    if "--vae-compile" in sys.argv:
+        vae_compiled()
     if "--unet" in sys.argv:
         unet_variants()
     if "--vae" in sys.argv:
