@@ -68,8 +68,12 @@ def density_grid(
     covs = covs.float()
     alphas = alphas.float()
     sigma = torch.sqrt(torch.diagonal(covs, dim1=-2, dim2=-1).clamp_min(1e-20))  # [N, 3]
-    lo = (means - _SIGMAS * sigma).amin(0)
-    hi = (means + _SIGMAS * sigma).amax(0)
+    # A few huge splats (common in captured scenes) must not stretch the lattice: their 3σ reach
+    # counts for the box only up to a tenth of the centres' extent.
+    span = float((means.amax(0) - means.amin(0)).max().clamp_min(1e-6))
+    reach = _SIGMAS * sigma.clamp_max(0.1 * span / _SIGMAS)
+    lo = (means - reach).amin(0)
+    hi = (means + reach).amax(0)
     centre = 0.5 * (lo + hi)
     extent = float((hi - lo).max().clamp_min(1e-6))
     # Cubic voxels: the longest side spans the lattice minus the padding on both ends.
@@ -140,6 +144,19 @@ def density_grid(
         msg = f"{len(ids)} splats, box {rx}×{ry}×{rz}"
         on_progress(Progress("grid", k + 1, total, message=msg))
     return flat.view(grid, grid, grid), origin, voxel
+
+
+def _inliers(means: Tensor, keep: Tensor) -> Tensor:  # [N, 3], [N] bool → [N] bool
+    """Drop far floaters (stray splats of a captured scene, or of a diverged run): keep centres
+    within a quarter of the bulk's extent around its 0.5–99.5 % range on every axis. One stray
+    splat would otherwise set the lattice size and leave the object a few voxels wide."""
+    pts = means[keep]
+    if len(pts) < 20:
+        return keep
+    q = torch.quantile(pts[:: max(1, len(pts) // 200_000)].float(),
+                       torch.tensor([0.005, 0.995], device=means.device), dim=0)  # [2, 3]
+    margin = 0.25 * (q[1] - q[0]).max()
+    return ((means >= q[0] - margin) & (means <= q[1] + margin)).all(-1)
 
 
 def _fill_cavities(occupied: np.ndarray) -> np.ndarray:
@@ -225,6 +242,7 @@ def extract_mesh(
         means = g.means.to(device)  # [N, 3]
         finite = torch.isfinite(means).all(-1) & torch.isfinite(covs).flatten(1).all(-1)
         keep = (alphas >= cfg.min_opacity) & finite
+        keep &= _inliers(means, keep)
         if int(keep.sum()) == 0:
             raise GenerationError(
                 f"the splat has no Gaussian above mesh.min_opacity={cfg.min_opacity} "
