@@ -33,27 +33,21 @@ def timed(fn, n=20, warmup=3):
 
 
 def _sd21_unet():
-    """SD 2.1-base's UNet (random weights) — the same config as tdgen.testing.full_model."""
+    """SD 2.1-base's UNet (random weights), the config tdgen.testing.full_model uses."""
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel(
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
-    )
+    from tdgen.testing.full_model import SD21_BASE_UNET
+
+    return UNet2DConditionModel(**SD21_BASE_UNET)
 
 
 def _sd_vae():
     """SD's AutoencoderKL (random weights)."""
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    )
+    from tdgen.testing.full_model import SD21_VAE
+
+    return AutoencoderKL(**SD21_VAE)
 
 
 def main():
