@@ -60,11 +60,12 @@ SMOKE_THRESHOLDS: dict[str, dict[str, tuple[str, float]]] = {
     # PSNR∩ 16.9/16.1; the mug shifted 10 %: chamfer .040, IoU .73; grey bake: PSNR∩ 9–11.
     "A": {"chamfer": ("<", 0.025), "fscore": (">", 0.2), "normal_agreement": (">", 0.8),
           "mask_iou": (">", 0.8), "psnr_masked": (">", 14.0)},
-    # measured over runs (CPU stage 1 is not bit-reproducible): chamfer .027–.028/.035–.038,
-    # F .35–.39/.10–.16, IoU .946–.965/.840–.866, PSNR∩ 15.4–16.4/17.6–18.2; a mean-colour ball
-    # (a stage 1 that learned only the silhouette's size): mug chamfer .052, IoU .655, PSNR∩ 11.5.
-    "B": {"chamfer": ("<", 0.045), "fscore": (">", 0.05), "mask_iou": (">", 0.75),
-          "psnr_masked": (">", 13.5)},
+    # measured over runs (CPU stage 1 is not bit-reproducible): chamfer .026–.039/.032–.038,
+    # IoU .90–.965/.840–.866, PSNR∩ 14.6–16.4/15.3–18.2; a mean-colour ball (a stage 1 that
+    # learned only the silhouette's size): mug chamfer .052, IoU .655, PSNR∩ 11.5. F@1 % is not
+    # held here: at the smoke grid it swings from .04 to .41 between identical runs (a 1 % ball
+    # is about one voxel), so it would only make CI flaky; chamfer and IoU carry the check.
+    "B": {"chamfer": ("<", 0.045), "mask_iou": (">", 0.75), "psnr_masked": (">", 13.5)},
 }
 SMOKE_OBJECT_THRESHOLDS: dict[tuple[str, str], dict[str, tuple[str, float]]] = {
     # The sphere's case A is near exact, so a 10 % stretch along x (chamfer .010, IoU .950) must
