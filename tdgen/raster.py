@@ -22,7 +22,7 @@ clipping). The same core rasterises UV space for baking (orthographic, texel cen
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -342,35 +342,17 @@ def framing_cameras(
     device: torch.device | str | None = None,
 ):
     """Square orbit cameras looking at the mesh's bounding-sphere centre, far enough that the
-    sphere (times `margin`) fits the view. Poles (el = ±90°) are fine: the camera's up vector is
-    the orbit's elevation tangent rather than world +Y, which equals look-at(+Y) elsewhere."""
-    from tdgen.render import Cameras
+    sphere (times `margin`) fits the view: render.orbit_cameras moved to that centre (poles,
+    el = ±90°, included)."""
+    from tdgen.render import orbit_cameras
 
     centre, radius = bounding_sphere(vertices)
-    el = np.radians(np.atleast_1d(np.asarray(elevation, dtype=np.float64)))
-    az = np.radians(np.atleast_1d(np.asarray(azimuth, dtype=np.float64)))
-    el, az = np.broadcast_arrays(el, az)
-    half = math.radians(fovy) / 2.0
-    dist = radius * margin / math.sin(half)
-    fwd_out = np.stack([np.cos(el) * np.sin(az), np.sin(el), np.cos(el) * np.cos(az)], -1)  # [C, 3]
-    up = np.stack([-np.sin(el) * np.sin(az), np.cos(el), -np.sin(el) * np.cos(az)], -1)
-    eye = centre + dist * fwd_out
-    forward = -fwd_out
-    right = np.cross(forward, up)
-    right /= np.linalg.norm(right, axis=-1, keepdims=True)
-    down = np.cross(forward, right)
-    R = np.stack([right, down, forward], axis=1)  # [C, 3, 3] rows: camera x, y, z in world
-    viewmats = np.tile(np.eye(4), (len(el), 1, 1))
-    viewmats[:, :3, :3] = R
-    viewmats[:, :3, 3] = -np.einsum("cij,cj->ci", R, eye)
-    f = size / 2.0 / math.tan(half)
-    K = np.array([[f, 0.0, size / 2.0], [0.0, f, size / 2.0], [0.0, 0.0, 1.0]])
-    Ks = np.tile(K, (len(el), 1, 1))
-    return Cameras(
-        viewmats=torch.tensor(viewmats, dtype=torch.float32, device=device),
-        Ks=torch.tensor(Ks, dtype=torch.float32, device=device),
-        width=int(size),
-        height=int(size),
-        elevation=torch.tensor(np.degrees(el), dtype=torch.float32, device=device),
-        azimuth=torch.tensor(np.degrees(az), dtype=torch.float32, device=device),
-    )
+    dist = radius * margin / math.sin(math.radians(fovy) / 2.0)
+    el = torch.as_tensor(np.atleast_1d(np.asarray(elevation, dtype=np.float32)), device=device)
+    az = torch.as_tensor(np.atleast_1d(np.asarray(azimuth, dtype=np.float32)), device=device)
+    cams = orbit_cameras(el, az, dist, fovy, size, size, device=device)
+    # The orbit circles the origin; shift it to the mesh's centre (t' = t − R·c).
+    c = torch.as_tensor(centre, dtype=cams.viewmats.dtype, device=cams.viewmats.device)
+    viewmats = cams.viewmats.clone()
+    viewmats[:, :3, 3] -= viewmats[:, :3, :3] @ c
+    return replace(cams, viewmats=viewmats)
