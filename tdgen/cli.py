@@ -136,12 +136,10 @@ def make(
     """Generate a textured .glb from a text prompt."""
 
     def go():
-        from tdgen.pipeline import check_output_path, generate
-
+        from tdgen.pipeline import generate
         from tdgen.runtime import resolve_device
 
         cfg = _resolve(preset, set_, config_file, seed=seed, model=model, negative=negative, lods=lods)
-        check_output_path(out)
         dev = resolve_device(device)
         if dev.type == "cpu":
             err.print("[yellow]note:[/] no GPU in use: a full-size model takes seconds per step on the CPU (see tdgen doctor)")
@@ -167,10 +165,9 @@ def mesh(
     """Turn a Gaussian splat .ply into a textured, UV-unwrapped .glb."""
 
     def go():
-        from tdgen.pipeline import check_output_path, mesh_from_splat
+        from tdgen.pipeline import mesh_from_splat
 
         cfg = _resolve(preset, set_, config_file, model=model, lods=lods)
-        check_output_path(out, (".glb",))
         if model is not None and not prompt:
             err.print("[yellow]note:[/] --model is only used to refine the texture; add --prompt TEXT to refine")
         with _Bars(enabled=err.is_terminal or not as_json) as bars:
