@@ -79,8 +79,10 @@ SMOKE_OBJECT_THRESHOLDS: dict[tuple[str, str], dict[str, tuple[str, float]]] = {
 # Configurations
 
 
-def quality_config(smoke: bool, device: torch.device) -> Config:
-    """The benchmark's Config: `standard` (no refinement, no model) or a CPU-sized smoke one.
+def quality_config(smoke: bool, device: torch.device, preset: str = "standard",
+                   sets: dict[str, str] | None = None) -> Config:
+    """The benchmark's Config: `preset` (no refinement, no model) or a CPU-sized smoke one, then
+    `sets` (`--set` overrides, e.g. mesh.method=density to measure the old surface).
 
     Refinement is off because its target comes from a diffusion model, which has no known answer.
     """
@@ -89,9 +91,10 @@ def quality_config(smoke: bool, device: torch.device) -> Config:
         "export.preview": False,
         "export.splat": False,
         "export.lods": 0,
+        **(sets or {}),
     }
     if not smoke:
-        return resolve_config("standard", common)
+        return resolve_config(preset, common)
     return resolve_config(
         "draft",
         {
@@ -137,7 +140,7 @@ FULL_SIZES = Sizes(surface_gaussians=60_000, metric_points=100_000, metric_resol
 # Case A: Gaussians on the reference surface
 
 
-def gaussians_on_surface(ref: Reference, n: int, seed: int = 0, flatness: float = 0.3,
+def gaussians_on_surface(ref: Reference, n: int, seed: int = 0, flatness: float = 0.1,
                          spread: float = 1.0, opacity: float = 0.95, min_thickness: float = 0.0):
     """`n` Gaussians sampled area-uniformly on the reference, coloured by its texture.
 
@@ -184,11 +187,8 @@ def run_case_a(ref: Reference, cfg: Config, sizes: Sizes, workdir: Path,
     from tdgen.pipeline import mesh_from_splat
 
     ply = workdir / f"{ref.name}_A.ply"
-    # A shell thinner than about a voxel of the density grid is sampled with holes, the cavity
-    # fill then leaks and marching cubes adds an inner wall; SDS splats are never that thin.
-    extent = float(np.ptp(ref.mesh.vertices, axis=0).max())
-    voxel = extent / max(cfg.mesh.grid - 5, 1)
-    g = gaussians_on_surface(ref, sizes.surface_gaussians, seed=cfg.seed, min_thickness=0.75 * voxel)
+    # Flat surfels (normal std-dev a tenth of the in-plane one), the shape trained 3DGS converges to.
+    g = gaussians_on_surface(ref, sizes.surface_gaussians, seed=cfg.seed)
     save_ply(g, ply)
     out = workdir / f"{ref.name}_A.glb"
     res = mesh_from_splat(ply, cfg, out, device=device)
@@ -354,11 +354,31 @@ def measure_mesh(pred: Mesh, tex: np.ndarray, ref: Reference, cfg: Config, sizes
     return out
 
 
+def topology_metrics(mesh: Mesh) -> dict[str, float]:
+    """Connected pieces once UV seams are welded (vertices at the same position merged), whether
+    that welded surface is watertight (every edge shared by exactly two faces) with consistent
+    winding (and whether it is at least closed: no boundary edges), and its signed volume's sign (+1: faces wound outward)."""
+    import trimesh
+
+    tm = trimesh.Trimesh(mesh.vertices, mesh.faces, process=False)
+    tm.merge_vertices(merge_tex=True, merge_norm=True)
+    pieces = tm.split(only_watertight=False)
+    _, uses = np.unique(tm.edges_sorted, axis=0, return_counts=True)
+    return {
+        "pieces": int(len(pieces)),
+        "closed": bool((uses % 2 == 0).all()),  # no boundary edge, no hole
+        "watertight": bool(tm.is_watertight),  # and every edge of exactly two faces
+        "winding_consistent": bool(tm.is_winding_consistent),
+        "outward": float(np.sign(tm.volume)) if tm.is_watertight else 0.0,
+    }
+
+
 def measure(glb: Path, ref: Reference, cfg: Config, sizes: Sizes, device: torch.device,
             image_path: Path | None = None) -> dict[str, float]:
     """Every metric of one exported asset against its reference."""
     pred, tex = read_glb_in_reference_frame(glb, ref, cfg.export.height)
     out = measure_mesh(pred, tex, ref, cfg, sizes, device, image_path)
+    out.update(topology_metrics(pred))
     raw, _ = load_textured(glb)
     out["glb_height"] = float(np.ptp(raw.vertices[:, 1]))  # should equal export.height
     return out
@@ -426,7 +446,7 @@ TABLE = [
     ("case", "case", ""), ("object", "object", ""), ("chamfer", "chamfer/diag", ".4f"),
     ("fscore", "F@1%", ".3f"), ("normal_consistency", "NC", ".3f"), ("normal_agreement", "NC±", ".3f"),
     ("mask_iou", "IoU", ".3f"), ("psnr", "PSNR", ".2f"), ("psnr_masked", "PSNR∩", ".2f"),
-    ("triangles", "tris", ""), ("seconds", "s", ".1f"), ("status", "status", ""),
+    ("pieces", "pieces", ""), ("closed", "closed", ""), ("watertight", "manifold", ""), ("triangles", "tris", ""), ("seconds", "s", ".1f"), ("status", "status", ""),
 ]
 
 
@@ -445,6 +465,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, default=None, help="keep outputs here (default: a temp dir)")
     ap.add_argument("--images", action="store_true", help="write reference-vs-result PNGs in --workdir")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--preset", default="standard", help="preset of the full-size run (not --smoke)")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override, e.g. mesh.method=density (repeatable)")
     args = ap.parse_args(argv)
 
     from tdgen.runtime import resolve_device
@@ -459,7 +482,9 @@ def main(argv: list[str] | None = None) -> int:
     refs = [build_reference(n.strip()) for n in names if n.strip()] + [load_reference(p) for p in args.ref]
     if not refs:
         ap.error("nothing to measure: give --objects or --ref")
-    cfg = quality_config(args.smoke, device)
+    from tdgen.config import parse_set_args
+
+    cfg = quality_config(args.smoke, device, args.preset, parse_set_args(args.sets))
     sizes = SMOKE_SIZES if args.smoke else FULL_SIZES
 
     t0 = time.perf_counter()
@@ -479,7 +504,8 @@ def main(argv: list[str] | None = None) -> int:
         "environment": environment(device),
         "thresholds": ({**SMOKE_THRESHOLDS, **{f"{c}/{o}": t for (c, o), t in SMOKE_OBJECT_THRESHOLDS.items()}}
                        if args.smoke else None),
-        "config": {"stage1_steps": cfg.stage1.steps, "stage1_resolution": cfg.stage1.resolution,
+        "config": {"preset": None if args.smoke else args.preset, "sets": args.sets,
+                   "mesh_method": cfg.mesh.method, "stage1_steps": cfg.stage1.steps, "stage1_resolution": cfg.stage1.resolution,
                    "mesh_grid": cfg.mesh.grid, "texture_size": cfg.texture.size,
                    "surface_gaussians": sizes.surface_gaussians,
                    "metric_resolution": sizes.metric_resolution},

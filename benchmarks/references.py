@@ -207,11 +207,110 @@ def handled_mug(segments: int = 64) -> Reference:
     return _merge("mug", [_revolve(dense, segments, body_rect), handle], tex)
 
 
+def half_sphere(segments: int = 64) -> Reference:
+    """Radius-0.5 sphere, red on the +X half and blue on the −X half: a left/right flip or a
+    colour bleeding across the seam shows at once."""
+    S = TEXTURE_SIZE
+    tex = np.zeros((S, S, 3), np.float32)
+    rect = (0.02, 0.02, 0.98, 0.98)
+    # u follows φ from −180° (back) through 0 (front, +Z) to +180°; +X is φ = +90°, so x > 0 ⇔ u > 0.5.
+    _paint(tex, rect, lambda U, V: _pick(U > 0.5, (0.85, 0.12, 0.10), (0.12, 0.25, 0.85)))
+    theta = np.linspace(0.0, math.pi, segments // 2 + 1)
+    profile = np.stack([0.5 * np.sin(theta), 0.5 * np.cos(theta)], -1)
+    return _merge("halfsphere", [_revolve(profile, segments, rect)], tex)
+
+
+def slab_chair() -> Reference:
+    """A chair 1 m tall before scaling: an 8 cm seat slab, a 7 cm backrest on the back (−Z) and
+    four 6 cm legs — the thin slabs and posts that real splats of furniture are made of."""
+    S = TEXTURE_SIZE
+    tex = np.zeros((S, S, 3), np.float32)
+    seat_c, back_c, leg_c = (0.80, 0.20, 0.15), (0.95, 0.75, 0.20), (0.25, 0.16, 0.10)
+    _paint(tex, (0.0, 0.0, 0.33, 1.0), _flat(seat_c))
+    _paint(tex, (0.33, 0.0, 0.66, 1.0), _flat(back_c))
+    _paint(tex, (0.66, 0.0, 1.0, 1.0), _flat(leg_c))
+    w, d = 0.25, 0.25  # half width (x), half depth (z)
+    parts = [_box((-w, 0.45, -d), (w, 0.53, d), (0.165, 0.5)),
+             _box((-w, 0.53, -d), (w, 1.0, -d + 0.07), (0.495, 0.5))]
+    for x in (-w + 0.03, w - 0.03):
+        for z in (-d + 0.03, d - 0.03):
+            parts.append(_box((x - 0.03, 0.0, z - 0.03), (x + 0.03, 0.45, z + 0.03), (0.83, 0.5)))
+    return _scaled(_merge("chair", parts, tex))
+
+
+def pole_lamp(segments: int = 48) -> Reference:
+    """A floor lamp: a 7 cm round base, a 7 cm pole 0.8 m long, a conical shade — a thin pole
+    between two wide parts."""
+    S = TEXTURE_SIZE
+    tex = np.zeros((S, S, 3), np.float32)
+    rects = [(0.0, 0.0, 0.33, 1.0), (0.33, 0.0, 0.66, 1.0), (0.66, 0.0, 1.0, 1.0)]
+    _paint(tex, rects[0], _flat((0.15, 0.15, 0.18)))
+    _paint(tex, rects[1], _flat((0.75, 0.75, 0.78)))
+    _paint(tex, rects[2], lambda U, V: _pick(np.floor(U * 8).astype(int) % 2 == 0,
+                                             (0.95, 0.85, 0.55), (0.20, 0.55, 0.35)))
+    base = np.array([[0.0, 0.07], [0.2, 0.07], [0.2, 0.0], [0.0, 0.0]])
+    pole = np.array([[0.0, 0.86], [0.035, 0.86], [0.035, 0.02], [0.0, 0.02]])
+    shade = np.array([[0.0, 1.05], [0.12, 1.05], [0.25, 0.82], [0.0, 0.82]])
+    parts = [_revolve(p, segments, r) for p, r in zip((base, pole, shade), rects)]
+    return _scaled(_merge("lamp", parts, tex))
+
+
+def bumpy_rock(segments: int = 96) -> Reference:
+    """A closed, bumpy, lopsided solid (radius 0.5 ± 20 %) with mottled grey-brown colour."""
+    S = TEXTURE_SIZE
+    tex = np.zeros((S, S, 3), np.float32)
+    rect = (0.02, 0.02, 0.98, 0.98)
+
+    def mottle(U, V):
+        n = 0.5 + 0.25 * np.sin(17 * U) * np.cos(11 * V) + 0.25 * np.sin(5 * U + 3 * V)
+        a, b = np.array([0.35, 0.30, 0.26]), np.array([0.62, 0.58, 0.50])
+        return (a + (b - a) * np.clip(n, 0, 1)[..., None]).astype(np.float32)
+
+    _paint(tex, rect, mottle)
+    theta = np.linspace(0.0, math.pi, segments // 2 + 1)
+    profile = np.stack([np.sin(theta), np.cos(theta)], -1)
+    part = _revolve(profile, segments, rect)
+    d = part.vertices / np.linalg.norm(part.vertices, axis=1, keepdims=True)  # unit directions
+    # Smooth bumps as a function of direction only, so the duplicated seam column stays welded.
+    r = 0.5 * (1.0 + 0.12 * np.sin(3 * d[:, 0] + 1.0) * np.cos(2 * d[:, 1])
+               + 0.08 * np.sin(5 * d[:, 2] + 2 * d[:, 0]) + 0.06 * np.cos(7 * d[:, 1] + 3 * d[:, 2]))
+    r *= 1.0 + 0.15 * d[:, 0]  # lopsided: fuller on +X
+    part.vertices = d * np.stack([r, 0.8 * r, r], -1)  # squashed vertically
+    return _scaled(_merge("rock", [part], tex))
+
+
+def open_bowl(segments: int = 64) -> Reference:
+    """A bowl with 3 cm walls open at the top: a concavity the views must see into."""
+    S = TEXTURE_SIZE
+    tex = np.zeros((S, S, 3), np.float32)
+    rect = (0.02, 0.02, 0.98, 0.98)
+    _paint(tex, rect, lambda U, V: _pick(V < 0.5, (0.95, 0.92, 0.85), (0.20, 0.40, 0.75)))
+    t = np.linspace(0.0, 0.5 * math.pi, 16)
+    inner = np.stack([0.47 * np.sin(t), -0.22 * np.cos(t) + 0.03], -1)  # centre → inner rim
+    outer = np.stack([0.5 * np.sin(t[::-1]), -0.25 * np.cos(t[::-1]) + 0.03], -1)  # outer rim → foot
+    # Clockwise around the wall's cross-section: inner surface up to the rim, over it, down outside.
+    profile = np.concatenate([inner, outer])
+    return _scaled(_merge("bowl", [_revolve(profile, segments, rect)], tex))
+
+
+def _scaled(ref: Reference) -> Reference:
+    """Bounding radius 0.5 about the box centre, like the other references."""
+    v = ref.mesh.vertices.astype(np.float64)
+    v *= 0.5 / float(np.linalg.norm(v, axis=1).max())
+    ref.mesh = Mesh(v.astype(np.float32), ref.mesh.faces, ref.mesh.normals, ref.mesh.uvs)
+    return ref
+
+
 BUILDERS: dict[str, Callable[[], Reference]] = {
     "sphere": checker_sphere,
     "table": two_colour_table,
     "torus": striped_torus,
     "mug": handled_mug,
+    "halfsphere": half_sphere,
+    "chair": slab_chair,
+    "lamp": pole_lamp,
+    "rock": bumpy_rock,
+    "bowl": open_bowl,
 }
 
 

@@ -159,6 +159,9 @@ def mesh(
     config_file: Optional[Path] = ConfigOpt,
     model: Optional[str] = ModelOpt,
     lods: Optional[int] = typer.Option(None, "--lods", help="Extra levels of detail: NAME_lod1.glb, …"),
+    crop: Optional[str] = typer.Option(
+        None, "--crop", help="Mesh only the Gaussians inside this box, xmin,ymin,zmin,xmax,ymax,zmax "
+        "in the splat's coordinates (an object in a captured scene); --crop=-1,0,-1,1,2,1."),
     device: str = DeviceOpt,
     as_json: bool = JsonOpt,
 ) -> None:
@@ -167,7 +170,7 @@ def mesh(
     def go():
         from tdgen.pipeline import mesh_from_splat
 
-        cfg = _resolve(preset, set_, config_file, model=model, lods=lods)
+        cfg = _resolve(preset, set_, config_file, model=model, lods=lods, crop=crop)
         if model is not None and not prompt:
             err.print("[yellow]note:[/] --model is only used to refine the texture; add --prompt TEXT to refine")
         with _Bars(enabled=err.is_terminal or not as_json) as bars:

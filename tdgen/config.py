@@ -112,16 +112,32 @@ class Stage1Config:
 
 @dataclass(frozen=True)
 class MeshConfig:
+    method: Literal["fusion", "density"] = "fusion"
+    """Surface of the splat: `fusion` fuses depth rendered from `views` views into a signed
+    distance (the visible surface; right for flat 3DGS surfels and blobby SDS splats alike),
+    `density` is DreamGaussian's Gaussian-density iso-surface at `threshold`."""
     grid: int = 128
-    """Density grid resolution per axis for marching cubes."""
+    """Voxels per axis of the volume marching cubes runs on."""
+    views: int = 64
+    """`fusion`: depth views spread over the whole sphere around the splat."""
+    view_resolution: int = 256
+    """`fusion`: render size of each depth view (about two pixels per voxel at the default grid)."""
+    truncation: float = 3.0
+    """`fusion`: signed distances are clamped to ± this many voxels; parts thinner than this are
+    kept, at about this thickness."""
+    alpha: float = 0.5
+    """`fusion`: a pixel whose splat alpha is below this sees no surface (haze is carved away)."""
     threshold: float = 1.0
-    """Density iso-level of the surface (DreamGaussian's default)."""
+    """`density`: iso-level of the surface (DreamGaussian's default)."""
     min_opacity: float = 0.005
-    """Gaussians below this opacity are ignored when building the density grid."""
+    """Gaussians below this opacity are ignored when building the volume."""
     min_component: float = 0.02
     """Connected pieces with fewer than this fraction of the largest piece's faces are dropped."""
     triangles: int = 20_000
     """Triangle budget after decimation."""
+    crop: str = ""
+    """Keep only Gaussians whose centre lies in this box, "xmin,ymin,zmin,xmax,ymax,zmax" in the
+    splat's own coordinates (a captured scene's object); empty keeps all."""
 
 
 @dataclass(frozen=True)
@@ -394,8 +410,9 @@ def with_shortcuts(
     model: str | None = None,
     negative: str | None = None,
     lods: int | None = None,
+    crop: str | None = None,
 ) -> Config:
-    """Apply the CLI's shortcut options (`--seed`, `--model`, `--negative`, `--lods`)."""
+    """Apply the CLI's shortcut options (`--seed`, `--model`, `--negative`, `--lods`, `--crop`)."""
     changes: dict[str, Any] = {}
     if seed is not None:
         changes["seed"] = seed
@@ -405,7 +422,26 @@ def with_shortcuts(
         changes["stage1.negative_prompt"] = negative
     if lods is not None:
         changes["export.lods"] = lods
+    if crop is not None:
+        changes["mesh.crop"] = crop
     return apply_overrides(cfg, changes, source="option") if changes else cfg
+
+
+def parse_crop(text: str) -> tuple[tuple[float, float, float], tuple[float, float, float]] | None:
+    """`mesh.crop` as (lo, hi) corners, or None when empty; ConfigError when malformed."""
+    if not text.strip():
+        return None
+    try:
+        vals = [float(x) for x in text.replace(" ", "").split(",")]
+    except ValueError:
+        vals = []
+    ok = len(vals) == 6 and all(v == v and abs(v) != float("inf") for v in vals)
+    if not ok or any(vals[i] >= vals[i + 3] for i in range(3)):
+        raise ConfigError(
+            f"mesh.crop must be six numbers xmin,ymin,zmin,xmax,ymax,zmax with each min below "
+            f"its max, got {text!r}; e.g. --crop=-1,0,-1,1,2,1"
+        )
+    return (vals[0], vals[1], vals[2]), (vals[3], vals[4], vals[5])
 
 
 def validate(cfg: Config) -> None:
@@ -427,6 +463,13 @@ def validate(cfg: Config) -> None:
     need(0 <= s1.densify_start <= s1.densify_stop <= 1, "stage1 needs 0 <= densify_start <= densify_stop <= 1")
     need(cfg.mesh.grid >= 16, f"mesh.grid must be at least 16, got {cfg.mesh.grid}")
     need(cfg.mesh.triangles >= 12, f"mesh.triangles must be at least 12, got {cfg.mesh.triangles}")
+    m = cfg.mesh
+    need(4 <= m.views <= 1024, f"mesh.views must be between 4 and 1024, got {m.views}")
+    need(32 <= m.view_resolution <= 2048,
+         f"mesh.view_resolution must be between 32 and 2048 pixels, got {m.view_resolution}")
+    need(0.5 <= m.truncation <= 32, f"mesh.truncation must be between 0.5 and 32 voxels, got {m.truncation}")
+    need(0.0 < m.alpha < 1.0, f"mesh.alpha must be between 0 and 1 (exclusive), got {m.alpha}")
+    parse_crop(m.crop)
     size = cfg.texture.size
     need(
         size >= 16 and size & (size - 1) == 0,

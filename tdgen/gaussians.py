@@ -61,8 +61,52 @@ class Gaussians:
     def colors(self) -> Tensor:  # [N, K+1, 3] all SH coefficients, gsplat's `colors` layout
         return torch.cat([self.sh0[:, None, :], self.shN], dim=1)
 
+    def subset(self, sel: Tensor) -> Gaussians:  # sel: [N] bool or [M] indices
+        return Gaussians(*(t[sel] for t in self._fields()))
+
     def _fields(self) -> tuple[Tensor, ...]:
         return (self.means, self.scales, self.quats, self.opacities, self.sh0, self.shN)
+
+
+def normalize_splat(g: Gaussians, crop=None) -> Gaussians:
+    """`g` cropped to the box `crop` ((lo, hi) corners in its own coordinates, or None), moved
+    and scaled so its opaque bulk is centred at the origin with a radius of about 0.5 — stage 1's
+    frame. Captured scenes come in any unit and place; the renderer's near plane and screen-space
+    blur are absolute, so stage 2 works in this frame (the export sets size and pivot itself).
+    The bulk is the 2–98 % range of the opaque centres, so floaters and haze do not move it."""
+    from tdgen.errors import InputError
+
+    keep = torch.isfinite(g.means).all(-1)
+    if crop is not None:
+        lo = torch.tensor(crop[0], dtype=g.means.dtype, device=g.device)
+        hi = torch.tensor(crop[1], dtype=g.means.dtype, device=g.device)
+        keep &= ((g.means >= lo) & (g.means <= hi)).all(-1)
+        if int(keep.sum()) == 0:
+            raise InputError(
+                f"--crop {crop[0]}–{crop[1]} holds none of the splat's {g.num} Gaussians; "
+                "give a box in the splat's own coordinates"
+            )
+    g = g.subset(keep) if not bool(keep.all()) else g
+    opaque = g.alpha() >= 0.5
+    pts = g.means[opaque] if int(opaque.sum()) >= 20 else g.means
+    sample = pts[:: max(1, len(pts) // 200_000)].float()
+    if len(sample) >= 2:
+        q = torch.quantile(sample, torch.tensor([0.02, 0.98], device=g.device), dim=0)  # [2, 3]
+    else:
+        q = torch.stack([sample.amin(0), sample.amax(0)])
+    centre = 0.5 * (q[0] + q[1])
+    radius = float(0.5 * (q[1] - q[0]).norm())
+    if not radius > 1e-12:
+        radius = max(float((g.means - centre).norm(dim=-1).max()), 1e-12)
+    s = 0.5 / radius
+    return Gaussians(
+        means=(g.means - centre) * s,
+        scales=g.scales + math.log(s),
+        quats=g.quats,
+        opacities=g.opacities,
+        sh0=g.sh0,
+        shN=g.shN,
+    )
 
 
 def quat_to_rotmat(quats: Tensor) -> Tensor:  # [N, 4] w-first → [N, 3, 3]

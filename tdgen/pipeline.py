@@ -250,9 +250,13 @@ def _stage2(
     from tdgen.texture import bake_texture
     from tdgen.unwrap import unwrap_mesh
 
-    gaussians = gaussians.detach()
+    from tdgen.config import parse_crop
+    from tdgen.gaussians import normalize_splat
 
-    # a. density grid → marching cubes → clean → decimate
+    # Stage 1's frame whatever the splat's source (a captured scene in any unit, optionally cropped).
+    gaussians = normalize_splat(gaussians.detach(), parse_crop(cfg.mesh.crop))
+
+    # a. splat → volume (depth fusion or density) → marching cubes → clean → decimate
     with timer("mesh"):
         mesh = extract_mesh(gaussians, cfg.mesh, dev, on_progress=_MeshClock(on_progress, result.timings))
 

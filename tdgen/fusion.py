@@ -1,0 +1,249 @@
+"""Splat → signed-distance volume by depth fusion (the default surface of stage 2a).
+
+The splat is rendered from views spread over the whole sphere with the renderer stage 1 uses
+(gsplat on CUDA, the PyTorch twin on CPU); each view's alpha-normalised expected depth says, for
+every voxel it sees, how far in front of (+) or behind (−) the visible surface the voxel lies.
+Averaging those truncated distances over the views (a TSDF, as 2DGS-style pipelines fuse depth)
+gives a field whose zero level is the splat's *visible* surface, whatever the Gaussians' shape:
+flat surfels, which a density iso-surface samples with aliasing holes, come out as solid as
+blobby SDS splats. Unlike a plain TSDF the field is defined everywhere, so the mesh is closed:
+a voxel that (nearly) every view sees only far behind a surface is inside (`OCCLUDED_WEIGHT`),
+so a pinhole seen by a view or two does not carve a tunnel into a hollow shell (which would give
+it an inner wall).
+Faint haze (alpha below `alpha` in every view) is never a surface; far floaters are dropped before
+(mesh.py) and small opaque ones become small pieces that the clean step removes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from tdgen.gaussians import Gaussians
+from tdgen.progress import Progress, ProgressFn, no_progress
+
+FOVY = 40.0
+"""Field of view of the fusion cameras, degrees: narrow enough that depth is sampled nearly
+uniformly across the object, wide enough that cameras stay well clear of it."""
+
+MARGIN = 1.05
+"""The volume's bounding sphere times this fills each view."""
+
+OCCLUDED_WEIGHT = 0.1
+"""A voxel counts as observed (its fused distance is used) when more than this fraction as many
+views see it free or near a surface as see it far behind one; otherwise it is inside. Near 0 a
+few views through a pinhole carve a tunnel into a hollow shell (an inner wall); near 1
+concavities seen by few views (a bowl's inside) fill up."""
+
+FRONT_POWER = 4.0
+"""Opacity boost of the depth render (see `fuse_depth`); the back layer of a shell whose front
+lets 20 % through then weighs 0.2⁴ ≈ 0.2 % instead of 20 %."""
+
+FRONT_MIN_ALPHA = 0.1
+"""Splats fainter than this are not boosted (haze)."""
+
+BEHIND_VOXELS = 1.0
+"""A view votes on a voxel's distance only down to this many voxels behind the surface it sees;
+deeper, the voxel is merely "occluded" for it. A slab thinner than the truncation would otherwise
+get votes from its far side on the voxels just outside its near side, and grow by about the
+truncation minus its thickness."""
+
+COS_POWER = 8.0
+"""A surface vote counts cos^k of the angle between the view ray and the surface normal."""
+
+BACKGROUND_WEIGHT = 0.05
+"""Weight of a "free" vote (the pixel sees no surface). Alone, any weight makes a voxel outside;
+beside surface votes it must not win: a voxel just inside a surface lies on the silhouette of the
+views that graze it there, and at the silhouette's soft edge those see background."""
+
+EDGE_VOXELS = 2.0
+"""Pixels whose depth jumps by more than this many voxels to a neighbour lie on a depth edge,
+where the expected depth blends the near and the far surface; they vote for neither."""
+
+_VIEWS_PER_RENDER = {"cuda": 16, "cpu": 1}
+"""Views rendered per call: batched on the GPU, one at a time on the CPU (bounded memory)."""
+
+
+def sphere_directions(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Elevations and azimuths [n] (degrees) of `n` views spread evenly over the sphere
+    (a Fibonacci lattice, poles included as its first and last points)."""
+    i = np.arange(n, dtype=np.float64)
+    y = 1.0 - 2.0 * i / max(n - 1, 1)  # +1 … −1: top view first, bottom view last
+    golden = math.pi * (3.0 - math.sqrt(5.0))
+    el = np.degrees(np.arcsin(np.clip(y, -1.0, 1.0)))
+    az = (np.degrees(i * golden) + 180.0) % 360.0 - 180.0
+    return el, az
+
+
+def volume_box(g: Gaussians, grid: int, pad_voxels: int) -> tuple[Tensor, float, Tensor, float]:
+    """Origin [3] (world position of voxel (0, 0, 0)) and edge length of a cubic `grid`³ lattice
+    around the splat: centres ± 2σ (a splat's visible surface lies within that), a huge splat's
+    reach capped at a tenth of the centres' extent, `pad_voxels` empty voxels on every side; and
+    the centre [3] and radius of a ball holding all of that, which the views frame."""
+    means = g.means.float()
+    sigma = torch.exp(g.scales.float()).amax(-1, keepdim=True)  # [N, 1]
+    span = float((means.amax(0) - means.amin(0)).max().clamp_min(1e-6))
+    reach = (2.0 * sigma).clamp_max(0.1 * span)  # [N, 1]
+    lo, hi = (means - reach).amin(0), (means + reach).amax(0)
+    extent = float((hi - lo).max().clamp_min(1e-6))
+    voxel = extent / (grid - 1 - 2 * pad_voxels)
+    centre = 0.5 * (lo + hi)
+    origin = centre - 0.5 * (grid - 1) * voxel
+    radius = float(((means - centre).norm(dim=-1, keepdim=True) + reach).max()) + voxel
+    return origin, voxel, centre, radius
+
+
+def fusion_cameras(centre: Tensor, radius: float, views: int, resolution: int):
+    """`views` square cameras on a sphere around `centre` [3], each framing the ball of `radius`."""
+    from tdgen.render import orbit_cameras
+
+    el, az = sphere_directions(views)
+    dist = radius * MARGIN / math.sin(math.radians(FOVY) / 2.0)
+    cams = orbit_cameras(el, az, dist, FOVY, resolution, resolution, device=centre.device)
+    viewmats = cams.viewmats.clone()
+    viewmats[:, :3, 3] -= viewmats[:, :3, :3] @ centre.to(viewmats.dtype)  # orbit → centre
+    from dataclasses import replace
+
+    return replace(cams, viewmats=viewmats)
+
+
+def _view_cosines(depth: Tensor, K: Tensor) -> Tensor:  # [H, W], [3, 3] → [H, W]
+    """|cos| between each pixel's ray and the normal of the depth map's surface there.
+
+    A splat seen at a slant puts its centre's depth on every pixel it covers and the nearest
+    splats win the compositing, so slanted views read the surface too near; their votes count
+    less (`COS_POWER`)."""
+    H, W = depth.shape
+    v, u = torch.meshgrid(torch.arange(H, device=depth.device, dtype=depth.dtype) + 0.5,
+                          torch.arange(W, device=depth.device, dtype=depth.dtype) + 0.5, indexing="ij")
+    rays = torch.stack([(u - K[0, 2]) / K[0, 0], (v - K[1, 2]) / K[1, 1], torch.ones_like(u)], -1)
+    p = rays * depth[..., None]  # [H, W, 3] camera-frame points
+    du = torch.zeros_like(p)
+    dv = torch.zeros_like(p)
+    du[:, 1:-1] = p[:, 2:] - p[:, :-2]
+    dv[1:-1] = p[2:] - p[:-2]
+    n = torch.nn.functional.normalize(torch.linalg.cross(du, dv), dim=-1)
+    return (n * torch.nn.functional.normalize(rays, dim=-1)).sum(-1).abs()
+
+
+def _bilinear_depth(depth: Tensor, ok: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    """depth [H, W] at continuous pixel coordinates x, y [M] (pixel centres at i + 0.5), NaN
+    where any of the four pixels around the point is not `ok` [H, W]."""
+    H, W = depth.shape
+    fx, fy = x - 0.5, y - 0.5
+    x0, y0 = torch.floor(fx).long(), torch.floor(fy).long()
+    ax, ay = fx - x0, fy - y0
+    flat_d, flat_ok = depth.reshape(-1), ok.reshape(-1)
+    out = torch.zeros_like(x)
+    good = torch.ones_like(x, dtype=torch.bool)
+    for dx, dy, w in ((0, 0, (1 - ax) * (1 - ay)), (1, 0, ax * (1 - ay)), (0, 1, (1 - ax) * ay), (1, 1, ax * ay)):
+        xi, yi = x0 + dx, y0 + dy
+        inside = (xi >= 0) & (xi < W) & (yi >= 0) & (yi < H)
+        idx = yi.clamp(0, H - 1) * W + xi.clamp(0, W - 1)
+        good &= inside & flat_ok[idx]
+        out += w * flat_d[idx]
+    return torch.where(good, out, torch.full_like(out, float("nan")))
+
+
+def _depth_edges(depth: Tensor, surf: Tensor, tol: float) -> Tensor:  # [H, W] ×2 → [H, W] bool
+    """Surface pixels next to a surface pixel more than `tol` nearer or farther."""
+    d = torch.where(surf, depth, torch.full_like(depth, float("nan")))
+    p = torch.nn.functional.pad(d[None, None], (1, 1, 1, 1), mode="replicate")[0, 0]
+    jump = torch.zeros_like(surf)
+    for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
+        nb = p[dy : dy + d.shape[0], dx : dx + d.shape[1]]
+        jump |= (nb - d).abs() > tol  # NaN (a background neighbour) compares False
+    return jump & surf
+
+
+@torch.no_grad()
+def fuse_depth(
+    g: Gaussians,  # on the device the work runs on
+    grid: int,
+    views: int,
+    resolution: int,
+    truncation: float,  # voxels
+    alpha: float,
+    pad_voxels: int = 2,
+    on_progress: ProgressFn = no_progress,
+) -> tuple[Tensor, Tensor, float]:
+    """Fused truncated signed distance, positive *inside* (so marching cubes at 0 winds faces as
+    for a density), `[G, G, G]` indexed [x, y, z] in voxel units clamped to ±`truncation`; with the
+    lattice origin [3] and voxel edge, as `density.density_grid` returns them."""
+    from tdgen.render import render_gaussians
+
+    device = g.means.device
+    origin, voxel, centre, radius = volume_box(g, grid, pad_voxels)
+    cams = fusion_cameras(centre, radius, views, resolution)
+    T = truncation * voxel
+    Tb = min(BEHIND_VOXELS, truncation) * voxel
+
+    axis = torch.arange(grid, device=device, dtype=torch.float32) * voxel
+    # Voxel centres in world space, x-major like the lattice: [G³, 3]
+    pts = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3) + origin
+    sdf_sum = torch.zeros(len(pts), device=device)
+    w_sum = torch.zeros(len(pts), device=device)
+    framed = torch.zeros(len(pts), dtype=torch.bool, device=device)  # inside some view's frustum
+    n_near = torch.zeros(len(pts), dtype=torch.int32, device=device)  # views: free or near a surface
+    n_occluded = torch.zeros(len(pts), dtype=torch.int32, device=device)  # views: far behind one
+    black = torch.zeros(len(cams), 3, device=device)
+    # Each splat's opacity α → 1 − (1 − α)^k, as if stacked k times: a pixel's accumulated alpha A
+    # becomes exactly 1 − (1 − A)^k, so the surface test keeps its meaning at the mapped level,
+    # while the expected depth is taken from the front layer. Faint splats (haze) keep theirs, or
+    # haze in front of a surface would pull its depth forward. Unboosted, the depth of a partly
+    # transparent shell (SDS splats, sparse surfels) mixes in the shell's far side seen through
+    # its gaps and lands well behind the surface.
+    boosted = torch.log(torch.expm1(-FRONT_POWER * torch.nn.functional.logsigmoid(-g.opacities)))
+    faint = g.opacities < math.log(FRONT_MIN_ALPHA / (1.0 - FRONT_MIN_ALPHA))
+    front = Gaussians(g.means, g.scales, g.quats,
+                      torch.where(faint, g.opacities, boosted.clamp(-30.0, 30.0)), g.sh0, g.shN)
+    a_thr = 1.0 - (1.0 - alpha) ** FRONT_POWER
+    per_call = _VIEWS_PER_RENDER["cuda" if device.type == "cuda" else "cpu"]
+    H = W = resolution
+    for c0 in range(0, len(cams), per_call):
+        sel = slice(c0, min(c0 + per_call, len(cams)))
+        out = render_gaussians(front, cams.index(sel), black[sel])
+        for k in range(out.alpha.shape[0]):
+            c = c0 + k
+            a_img = out.alpha[k, ..., 0].float()  # [H, W]
+            d_img = out.depth[k, ..., 0].float()  # [H, W] alpha-normalised expected camera z
+            surf = a_img >= a_thr
+            edge = _depth_edges(d_img, surf, EDGE_VOXELS * voxel)
+            # Surface pixels vote by their slant, background pixels ("free") weakly: see BACKGROUND_WEIGHT.
+            w_img = torch.where(surf, _view_cosines(d_img, cams.Ks[c]).pow(COS_POWER), BACKGROUND_WEIGHT)
+            R, t = cams.viewmats[c, :3, :3], cams.viewmats[c, :3, 3]
+            pc = pts @ R.T + t  # [M, 3] camera frame
+            z = pc[:, 2]
+            K = cams.Ks[c]
+            zs = z.clamp_min(1e-6)
+            x = K[0, 0] * pc[:, 0] / zs + K[0, 2]  # [M] continuous pixel coordinates
+            y = K[1, 1] * pc[:, 1] / zs + K[1, 2]
+            u, v = torch.floor(x).long(), torch.floor(y).long()
+            seen = (u >= 0) & (u < W) & (v >= 0) & (v < H) & (z > 0)
+            pix = v.clamp(0, H - 1) * W + u.clamp(0, W - 1)
+            hit = surf.reshape(-1)[pix]
+            depth = _bilinear_depth(d_img, surf & ~edge, x, y)
+            # Bilinear where all four neighbours are plain surface (slanted surfaces read a pixel's
+            # worth too near or far otherwise), else the pixel's own value.
+            depth = torch.where(torch.isnan(depth), d_img.reshape(-1)[pix], depth)
+            sd = torch.where(hit, depth - z, torch.full_like(z, T))
+            vote = seen & ~edge.reshape(-1)[pix]
+            framed |= seen
+            near = vote & (sd >= -Tb)
+            w = torch.where(near, w_img.reshape(-1)[pix], 0.0)
+            sdf_sum += w * sd.clamp(-Tb, T)
+            w_sum += w
+            n_near += near
+            n_occluded += vote & (sd < -Tb)
+        on_progress(Progress("grid", sel.stop, len(cams), message=f"fusion view {sel.stop}/{len(cams)}"))
+    # The distance is the weighted mean of the near votes alone (occluded votes would bias it
+    # outward). Where too few views see a voxel as free or near a surface — behind every surface,
+    # or seen only through a pinhole — it is inside, unless no view frames it at all (a lattice
+    # corner beyond the splat's ball: outside).
+    observed = (n_near > OCCLUDED_WEIGHT * n_occluded) & (w_sum > 0)
+    default = torch.where(framed, -T, T)
+    field = torch.where(observed, sdf_sum / w_sum.clamp_min(1e-12), default)
+    return (-field / voxel).reshape(grid, grid, grid), origin, voxel
