@@ -112,10 +112,11 @@ class Stage1Config:
 
 @dataclass(frozen=True)
 class MeshConfig:
-    method: Literal["fusion", "density"] = "fusion"
+    method: Literal["auto", "fusion", "density"] = "auto"
     """Surface of the splat: `fusion` fuses depth rendered from `views` views into a signed
-    distance (the visible surface; right for flat 3DGS surfels and blobby SDS splats alike),
-    `density` is DreamGaussian's Gaussian-density iso-surface at `threshold`."""
+    distance (the visible surface; right for flat surfels, which trained and captured 3DGS splats
+    are), `density` is DreamGaussian's Gaussian-density iso-surface at `threshold` (better on
+    blobby splats, which SDS makes); `auto` picks fusion when the splat's Gaussians are flat."""
     grid: int = 128
     """Voxels per axis of the volume marching cubes runs on."""
     views: int = 64

@@ -15,7 +15,7 @@ from tdgen.gaussians import Gaussians, normalize_splat
 from tdgen.mesh import extract_mesh
 
 # CPU-sized fusion: coarse, few views, yet ~2 pixels per voxel like the presets.
-FAST = dict(grid=48, views=32, view_resolution=112, triangles=4000)
+FAST = dict(method="fusion", grid=48, views=32, view_resolution=112, triangles=4000)
 
 
 def surfels(points: np.ndarray, normals: np.ndarray, spacing: float, opacity: float = 0.95,
@@ -110,7 +110,7 @@ def test_density_method_shreds_the_same_surfels():
     from tdgen.errors import GenerationError
 
     try:  # sampled at voxel centres, the thin discs' density mostly never reaches the iso-level
-        dens = welded(extract_mesh(g, MeshConfig(method="density", **FAST, min_component=0.0), "cpu"))
+        dens = welded(extract_mesh(g, MeshConfig(**{**FAST, "method": "density"}, min_component=0.0), "cpu"))
     except GenerationError as e:
         assert "never reaches" in str(e)
     else:

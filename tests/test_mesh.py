@@ -39,7 +39,7 @@ def cat(a: Gaussians, b: Gaussians) -> Gaussians:
     return Gaussians(*(torch.cat([x, y]) for x, y in zip(a._fields(), b._fields())))
 
 
-FAST = dict(views=24, view_resolution=96)
+FAST = dict(method="fusion", views=24, view_resolution=96)
 """CPU-sized fusion for tests."""
 
 
@@ -125,3 +125,15 @@ def test_progress_reports_grid_and_mesh_stages():
     assert events[-1].step == events[-1].total
 
 
+
+
+def test_auto_picks_fusion_for_flat_surfels_and_density_for_blobs():
+    events = []
+    flat = isotropic(fibonacci_sphere(3000, 0.5), sigma=0.02, opacity=0.9)
+    flat.scales[:, 2] = math.log(0.002)  # discs (orientation does not matter for the choice)
+    extract_mesh(flat, MeshConfig(**{**FAST, "method": "auto"}, grid=32, triangles=500), "cpu",
+                 on_progress=events.append)
+    blobs = isotropic(fibonacci_sphere(3000, 0.5), sigma=0.02, opacity=0.9)
+    extract_mesh(blobs, MeshConfig(method="auto", grid=32, triangles=500), "cpu", on_progress=events.append)
+    picked = [e.message for e in events if e.message.startswith("surface by")]
+    assert picked == ["surface by fusion", "surface by density"]
