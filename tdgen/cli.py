@@ -176,7 +176,7 @@ def mesh(
     _print_result(_run(go), as_json)
 
 
-# BATCH-COMMAND (owned by tdgen/batch.py's author: parse, call tdgen.batch, print)
+# BATCH-COMMAND (parse, call tdgen.batch, print)
 @app.command()
 def batch(
     source: Path = typer.Argument(..., help="A prompt list (.txt) or a TOML manifest (.toml)."),
