@@ -188,7 +188,11 @@ SECTIONS: dict[str, type] = {
 
 def _presets_dir() -> Path:
     # presets/ lives at the repository root and is installed as the package `tdgen.presets`
-    # (pyproject's package-dir); a checkout used through PYTHONPATH, uninstalled, reads it directly.
+    # (pyproject's package-dir); a checkout used through PYTHONPATH reads its own presets/, even
+    # where another checkout is installed (editable) in the same environment.
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "presets" / "standard.toml").is_file():
+        return checkout / "presets"
     try:
         return Path(str(importlib.resources.files("tdgen.presets")))
     except ModuleNotFoundError:
@@ -413,16 +417,11 @@ def with_shortcuts(
     lods: int | None = None,
 ) -> Config:
     """Apply the CLI's shortcut options (`--seed`, `--model`, `--negative`, `--lods`)."""
-    changes: dict[str, Any] = {}
-    if seed is not None:
-        changes["seed"] = seed
-    if model is not None:
-        changes["model.id"] = model
-    if negative is not None:
-        changes["stage1.negative_prompt"] = negative
-    if lods is not None:
-        changes["export.lods"] = lods
-    return apply_overrides(cfg, changes, source="option") if changes else cfg
+    for flag, key, value in (("--seed", "seed", seed), ("--model", "model.id", model),
+                             ("--negative", "stage1.negative_prompt", negative), ("--lods", "export.lods", lods)):
+        if value is not None:
+            cfg = apply_overrides(cfg, {key: value}, source=flag)
+    return cfg
 
 
 # Inclusive bounds per setting, checked for every source (code, preset, --config, manifest,

@@ -311,6 +311,27 @@ def _locate(model_id: str, revision: str, patterns: list[str]) -> tuple[Path, di
     return folder, {"id": model_id, "revision": commit}
 
 
+def weights_bytes(model_id: str, revision: str = "main") -> int | None:
+    """Total size of the safetensors weights of a local folder or an already cached hub model
+    (None when unknown: not cached, or not a folder). Only stats files: nothing is loaded."""
+    folder = Path(model_id).expanduser()
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(model_id, "model_index.json", revision=revision)
+        except Exception:  # a malformed id, an odd cache: "unknown" is the honest answer
+            return None
+        if not isinstance(cached, str):
+            return None
+        folder = Path(cached).parent
+    total = 0
+    for p in folder.rglob("*.safetensors"):
+        with contextlib.suppress(OSError):
+            total += p.stat().st_size
+    return total or None
+
+
 def _pretrained_kwargs() -> dict:
     kw: dict[str, Any] = {"use_safetensors": True}
     if importlib.util.find_spec("accelerate") is None:

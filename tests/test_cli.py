@@ -18,7 +18,7 @@ def test_presets_list_and_show():
     r = runner.invoke(app, ["presets", "--json"])
     assert r.exit_code == 0
     data = json.loads(r.stdout)
-    assert set(data) == {"draft", "standard", "quality"}
+    assert set(data) == {"draft", "standard", "quality", "smoke"}
     assert data["draft"]["mesh.triangles"] == 5000
     r = runner.invoke(app, ["presets", "--show", "draft"])
     assert r.exit_code == 0

@@ -18,7 +18,7 @@ def test_standard_preset_is_the_code_defaults():
     assert (s1.t_max, s1.t_min) == (0.98, 0.02)
 
 
-@pytest.mark.parametrize("name", ["draft", "standard", "quality"])
+@pytest.mark.parametrize("name", ["draft", "standard", "quality", "smoke"])
 def test_presets_load_and_only_list_known_keys(name):
     changes = C.load_preset(name)
     cfg = C.resolve_config(name)
@@ -88,7 +88,7 @@ def test_bad_settings_are_one_line_errors_with_the_choices(item, fragment):
 
 
 def test_unknown_preset_lists_the_valid_ones():
-    with pytest.raises(ConfigError, match="valid presets: draft, quality, standard"):
+    with pytest.raises(ConfigError, match="valid presets: draft, quality, smoke, standard"):
         C.resolve_config("ultra")
 
 
