@@ -21,7 +21,7 @@ from tdgen.config import Config, dump_toml, text_problem, validate
 from tdgen.errors import InputError
 from tdgen.io import atomic_write_text, check_writable, pending_path, sha256_file, staged_outputs
 from tdgen.progress import Progress, ProgressFn, no_progress
-from tdgen.runtime import make_generator, resolve_device
+from tdgen.runtime import deterministic, make_generator, resolve_device
 
 if TYPE_CHECKING:
     from tdgen.gaussians import Gaussians
@@ -157,7 +157,7 @@ def generate(
     t_start = time.perf_counter()
     # Every file below is written under a temp name and renamed only when the whole run has
     # succeeded: a failure (or Ctrl-C) leaves the previous asset's files as they were.
-    with staged_outputs() as staged:
+    with staged_outputs() as staged, deterministic(dev):
         _generate(prompt, cfg, out, dev, model, timer, result, on_progress)
         for p in _stale_lods(out, cfg.export.lods):
             staged.remove_on_commit(p)
@@ -235,7 +235,7 @@ def mesh_from_splat(
 
     # 3. stage 2, its files committed together with the config (4.) once all succeeded
     generator = make_generator(cfg.seed, dev)
-    with staged_outputs() as staged:
+    with staged_outputs() as staged, deterministic(dev):
         _stage2(gaussians.to(dev), cfg, out, dev, model, embeddings, generator, timer, result, on_progress)
         for p in _stale_lods(out, cfg.export.lods):
             staged.remove_on_commit(p)
