@@ -57,7 +57,9 @@ def _is_oom(e: BaseException) -> bool:
     torch = sys.modules.get("torch")
     if isinstance(e, MemoryError) or (torch is not None and isinstance(e, torch.cuda.OutOfMemoryError)):
         return True
-    return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
+    # CUDA says "out of memory"; torch's CPU allocator says "can't allocate memory".
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and any(w in text for w in ("out of memory", "can't allocate memory"))
 
 
 def _run(fn: Callable[[], T]) -> T:
