@@ -805,3 +805,35 @@ def test_end_to_end_three_assets_with_the_tiny_model(tmp_path, tiny_model_dir):
     again = B.run_batch(B.plan_assets(B.load_batch_file(src), preset="draft", sets=sets), out, device="cpu")
     assert again.names("skipped") == ["cube", "ball", "cone"]
     assert no_temps(out)
+
+
+@pytest.mark.slow
+def test_two_concurrent_batches_into_one_folder(tmp_path, tiny_model_dir):
+    """Each batch cleans up temp files at its start and end; neither may touch the other's files
+    in flight (B starts while A holds staged outputs)."""
+    out = tmp_path / "out"
+    lists = {}
+    for tag in ("a", "b"):
+        lists[tag] = write(tmp_path / f"{tag}.txt", "".join(f"{tag}{i}: a {tag} thing number {i}\n" for i in range(4)))
+    args = ["-o", str(out), "--model", str(tiny_model_dir), "--device", "cpu", "--preset", "smoke",
+            "--set", "stage1.steps=2", "--set", "texture.refine_steps=0", "--set", "export.preview=false"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+    def start(tag):
+        return subprocess.Popen([sys.executable, "-m", "tdgen.cli", "batch", str(lists[tag]), *args],
+                                env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    a = start("a")
+    deadline = time.time() + 120
+    while no_temps(out) if out.exists() else True:
+        assert a.poll() is None, a.stderr.read().decode()
+        assert time.time() < deadline, "batch A never wrote a temp file"
+        time.sleep(0.02)
+    b = start("b")
+    errs = {tag: p.communicate(timeout=300)[1].decode() for tag, p in (("a", a), ("b", b))}
+    assert (a.returncode, b.returncode) == (0, 0), errs
+    for name in [f"{t}{i}" for t in "ab" for i in range(4)]:
+        assert_valid_glb(out / f"{name}.glb")
+        side = json.loads((out / f"{name}.tdgen.json").read_text())
+        assert all(sha256_file(out / rel) == h for rel, h in side["files"].items())
+    assert no_temps(out)
