@@ -150,8 +150,8 @@ def generate(
     # 1. check inputs, before the model loads
     check_prompt(prompt)
     validate(cfg)
-    out = check_output_path(Path(out))
     dev = device if isinstance(device, torch.device) else resolve_device(device)
+    out = check_output_path(Path(out))  # last: it creates the folder if missing
     result = GenerateResult()
     timer = _Timer(dev, result.timings)
     t_start = time.perf_counter()
@@ -216,8 +216,8 @@ def mesh_from_splat(
     if prompt is not None and prompt.strip():
         check_prompt(prompt, "--prompt")
     validate(cfg)
-    out = check_output_path(Path(out), (".glb",))
     dev = device if isinstance(device, torch.device) else resolve_device(device)
+    out = check_output_path(Path(out), (".glb",))  # last: it creates the folder if missing
     result = GenerateResult()
     timer = _Timer(dev, result.timings)
     t_start = time.perf_counter()

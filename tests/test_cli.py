@@ -171,3 +171,16 @@ def test_mesh_takes_seed_and_negative_and_notes_when_unused(tmp_path):
     assert "--negative only shape" in " ".join(r.output.split())
     cfg = (tmp_path / "ball.config.toml").read_text()
     assert "seed = 7" in cfg and 'negative_prompt = "blurry"' in cfg
+
+
+def test_readme_exit_code_table_covers_every_error():
+    import re
+    from pathlib import Path
+
+    from tdgen import errors
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    table = dict(re.findall(r"^\| (\d+) \| (.+) \|$", text, flags=re.M))
+    classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.TdgenError)]
+    assert {str(c.exit_code) for c in classes} | {"0", "130"} == set(table)
+    assert "model missing" in table["3"] and "batch" in table["5"] and "before any work" in table["2"]
