@@ -180,3 +180,13 @@ def test_string_values_survive_toml(text):
     cfg = C.resolve_config(None, {"stage1.negative_prompt": text})
     again = C.apply_overrides(C.Config(), {"stage1.negative_prompt": tomllib.loads(C.dump_toml(cfg))["stage1"]["negative_prompt"]})
     assert again.stage1.negative_prompt == text
+
+
+def test_every_number_has_bounds():
+    """A new int/float setting must get a LIMITS entry, or a typo in it could ask for any memory."""
+    missing = [key for key, value in C._flat_items(C.Config())
+               if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in C.LIMITS]
+    assert not missing, f"add these to tdgen.config.LIMITS: {missing}"
+    assert set(C.LIMITS) <= {key for key, _ in C._flat_items(C.Config())}  # no stale entries
+    for key, value in C._flat_items(C.resolve_config("quality")):
+        C.check_range(key, value)  # every shipped preset is inside them
