@@ -444,3 +444,18 @@ def test_unusable_device_exit_4(asset, tiny_model_dir, no_model_load, device, fr
     r = runner.invoke(app, ["make", "a chair", "-o", str(asset / "chair.glb"), "--model", str(tiny_model_dir),
                             *TINY[:2], "--device", device])
     check(r, 4, fragment, folder=asset, before=before)
+
+
+def test_reader_closing_the_pipe_is_not_an_error():
+    """`tdgen presets --show quality | head -1`: quiet, exit 0, no BrokenPipeError."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    p = subprocess.Popen([sys.executable, "-m", "tdgen.cli", "presets", "--show", "quality"], cwd=root,
+                         env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         bufsize=0)
+    assert p.stdout.read(20)
+    p.stdout.close()  # before the ~10 kB of output are written: the next write hits a closed pipe
+    stderr = p.stderr.read().decode()
+    assert p.wait(timeout=60) == 0 and stderr == "", stderr
