@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Callable, List, Optional, TypeVar
 
@@ -13,8 +16,13 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from tdgen import __version__
-from tdgen.errors import TdgenError
+# Busy-waiting OpenMP threads make a CPU run many times slower as soon as anything else shares
+# the cores (measured: stage 1 of --preset smoke, 2 busy cores, 70 s → 5.5 s); must be set
+# before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from tdgen import __version__  # noqa: E402
+from tdgen.errors import TdgenError  # noqa: E402
 
 app = typer.Typer(
     name="tdgen",
@@ -30,20 +38,60 @@ PresetOpt = typer.Option("standard", "--preset", "-p", help="Preset: draft, stan
 SetOpt = typer.Option(None, "--set", "-s", help="Override a setting: section.key=value (repeatable).")
 ConfigOpt = typer.Option(None, "--config", help="Start from a config TOML (e.g. one written beside an earlier output).")
 DeviceOpt = typer.Option("auto", "--device", help="auto, cuda or cpu.")
-JsonOpt = typer.Option(False, "--json", help="Print one JSON object on stdout (outputs, timings, counts).")
+JsonOpt = typer.Option(False, "--json", help="Print one JSON object on stdout (outputs, timings, counts, sha256).")
 ModelOpt = typer.Option(None, "--model", "-m", help="Hub id or local diffusers folder (sets model.id).")
 
 
+_state = {"debug": False}
+
+
+def _debug() -> bool:
+    return _state["debug"] or os.environ.get("TDGEN_DEBUG", "").lower() not in ("", "0", "false", "no")
+
+
+def _error(message: str, code: int) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _is_oom(e: BaseException) -> bool:
+    torch = sys.modules.get("torch")
+    if isinstance(e, MemoryError) or (torch is not None and isinstance(e, torch.cuda.OutOfMemoryError)):
+        return True
+    # CUDA says "out of memory"; torch's CPU allocator says "can't allocate memory".
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and any(w in text for w in ("out of memory", "can't allocate memory"))
+
+
 def _run(fn: Callable[[], T]) -> T:
-    """Turn a TdgenError into one red line and its exit code; real bugs keep their traceback."""
+    """Turn a TdgenError into one red line and its exit code. Anything else is a bug: one line
+    saying so, and its traceback with --debug (or TDGEN_DEBUG=1)."""
     try:
         return fn()
     except TdgenError as e:
-        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(e.exit_code) from None
+        if _debug():
+            traceback.print_exc()
+        raise _error(str(e), e.exit_code) from None
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]")
         raise typer.Exit(130) from None
+    except (typer.Exit, typer.Abort):
+        raise
+    except BrokenPipeError:
+        # `tdgen presets --show quality | head`: the reader has gone, which is not an error.
+        # Python's own advice: point stdout at devnull so the exit-time flush stays quiet too.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(0) from None
+    except Exception as e:
+        if _debug():
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        if _is_oom(e):
+            raise _error(f"out of memory ({first}); lower the sizes: --preset draft, or --set "
+                         "stage1.resolution=… mesh.grid=… texture.size=…", 1) from None
+        raise _error(f"unexpected {type(e).__name__}: {first}; this is a bug in tdgen: rerun with "
+                     "--debug (or TDGEN_DEBUG=1) for the traceback and report it", 1) from None
 
 
 def _resolve(preset: str, sets: Optional[List[str]], config_file: Optional[Path], **shortcuts):
@@ -59,10 +107,16 @@ def _resolve(preset: str, sets: Optional[List[str]], config_file: Optional[Path]
 
 
 class _Bars:
-    """Rich progress bars on stderr, one per stage, fed by the library's Progress events."""
+    """Rich progress bars on stderr, one per stage, fed by the library's Progress events.
 
-    def __init__(self, enabled: bool):
+    Nothing is shown (not the note, not a bar) until the model has loaded or the first real stage
+    starts: a missing model or a bad input stays the one line of its error.
+    """
+
+    def __init__(self, enabled: bool, note: str | None = None):
         self.enabled = enabled
+        self.note = note
+        self.started = False
         self.rich = RichProgress(
             TextColumn("[bold]{task.description:<8}"),
             BarColumn(),
@@ -76,13 +130,21 @@ class _Bars:
         self.tasks: dict[str, int] = {}
 
     def __enter__(self):
-        self.rich.__enter__()
         return self
 
     def __exit__(self, *exc):
-        return self.rich.__exit__(*exc)
+        if self.started:
+            self.rich.stop()
+        return False
 
     def __call__(self, p) -> None:
+        if p.stage == "load" and p.step == 0:
+            return  # shown once it has succeeded (a download shows Hugging Face's own bar)
+        if not self.started:
+            self.started = True
+            if self.note:
+                err.print(f"[yellow]note:[/] {escape(self.note)}", highlight=False, soft_wrap=True)
+            self.rich.start()
         if not self.enabled:
             return
         info = []
@@ -97,7 +159,7 @@ class _Bars:
 
 def _print_result(result, as_json: bool) -> None:
     if as_json:
-        typer.echo(json.dumps(result.to_json()))
+        typer.echo(json.dumps(result.to_json(), allow_nan=False))
         return
     for kind, path in result.outputs.items():
         err.print(f"[green]wrote[/] {kind:<8} {path}")
@@ -115,8 +177,23 @@ def _version_cb(value: bool) -> None:
 @app.callback()
 def main_callback(
     version: bool = typer.Option(False, "--version", callback=_version_cb, is_eager=True, help="Print the version."),
+    debug: bool = typer.Option(False, "--debug", help="Show the Python traceback of any error (also TDGEN_DEBUG=1)."),
 ) -> None:
     """Game-ready textured 3D assets (.glb) from a text prompt."""
+    _state["debug"] = debug
+
+
+def _cpu_note(cfg, preset: str) -> str:
+    """What a CPU run of these settings is like, from the size of the model's weights."""
+    from tdgen.model import weights_bytes
+
+    size = weights_bytes(cfg.model.id, cfg.model.revision)
+    work = f"{cfg.stage1.steps} SDS steps at {cfg.stage1.resolution} px"
+    if size is not None and size < 200e6:
+        hint = "" if preset == "smoke" else "; --preset smoke takes about 15 s"
+        return f"running on the CPU with a small test model ({size / 1e6:.0f} MB): the asset is noise ({work}{hint})"
+    return (f"running on the CPU: a full-size model takes seconds per step here ({work}); "
+            "use a machine with a CUDA GPU (see tdgen doctor)")
 
 
 @app.command()
@@ -141,9 +218,8 @@ def make(
 
         cfg = _resolve(preset, set_, config_file, seed=seed, model=model, negative=negative, lods=lods)
         dev = resolve_device(device)
-        if dev.type == "cpu":
-            err.print("[yellow]note:[/] no GPU in use: a full-size model takes seconds per step on the CPU (see tdgen doctor)")
-        with _Bars(enabled=err.is_terminal or not as_json) as bars:
+        note = _cpu_note(cfg, preset) if dev.type == "cpu" else None
+        with _Bars(enabled=err.is_terminal or not as_json, note=note) as bars:
             return generate(prompt, cfg, out, device=dev, on_progress=bars)
 
     _print_result(_run(go), as_json)
@@ -157,7 +233,9 @@ def mesh(
     preset: str = PresetOpt,
     set_: Optional[List[str]] = SetOpt,
     config_file: Optional[Path] = ConfigOpt,
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed of the texture refinement (sets seed)."),
     model: Optional[str] = ModelOpt,
+    negative: Optional[str] = typer.Option(None, "--negative", help="Negative prompt of the texture refinement."),
     lods: Optional[int] = typer.Option(None, "--lods", help="Extra levels of detail: NAME_lod1.glb, …"),
     crop: Optional[str] = typer.Option(
         None, "--crop", help="Mesh only the Gaussians inside this box, xmin,ymin,zmin,xmax,ymax,zmax "
@@ -170,16 +248,18 @@ def mesh(
     def go():
         from tdgen.pipeline import mesh_from_splat
 
-        cfg = _resolve(preset, set_, config_file, model=model, lods=lods, crop=crop)
-        if model is not None and not prompt:
-            err.print("[yellow]note:[/] --model is only used to refine the texture; add --prompt TEXT to refine")
-        with _Bars(enabled=err.is_terminal or not as_json) as bars:
+        cfg = _resolve(preset, set_, config_file, seed=seed, model=model, negative=negative, lods=lods, crop=crop)
+        unused = [flag for flag, v in (("--model", model), ("--negative", negative)) if v is not None]
+        note = None
+        if unused and not prompt:
+            note = f"{' and '.join(unused)} only shape the texture refinement; add --prompt TEXT to refine"
+        with _Bars(enabled=err.is_terminal or not as_json, note=note) as bars:
             return mesh_from_splat(splat, cfg, out, device=device, prompt=prompt, on_progress=bars)
 
     _print_result(_run(go), as_json)
 
 
-# BATCH-COMMAND (owned by tdgen/batch.py's author: parse, call tdgen.batch, print)
+# BATCH-COMMAND (parse, call tdgen.batch, print)
 @app.command()
 def batch(
     source: Path = typer.Argument(..., help="A prompt list (.txt) or a TOML manifest (.toml)."),
@@ -212,35 +292,48 @@ def batch(
             raise InputError(f"--backend {backend!r}: use local or ray")
         # Everything is parsed and every config resolved before the first asset starts.
         assets = b.select_assets(b.plan_assets(b.load_batch_file(source), preset=preset, sets=sets, negative=negative), only)
-        with RichProgress(
+        bars = RichProgress(
             TextColumn("[bold]{task.description:<24}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
             console=err, disable=not (err.is_terminal or not as_json),
-        ) as bars:
-            overall = bars.add_task("batch", total=len(assets), info="")
-            running: dict[str, int] = {}
+        )
+        running: dict[str, int] = {}
+        overall: list[int] = []
 
-            def on_progress(name, p):
-                if name not in running:
-                    running[name] = bars.add_task(name[:24], total=1, info="")
-                loss = f" loss {p.loss:.4g}" if p.loss is not None else ""
-                bars.update(running[name], completed=p.step, total=max(p.total, 1), info=f"{p.stage}{loss} {p.message}")
+        def started() -> RichProgress:
+            # Started by the first event, so an up-front error (a read-only -o) stays one line.
+            if not overall:
+                bars.start()
+                overall.append(bars.add_task("batch", total=len(assets), info=""))
+            return bars
 
-            def on_result(r):
-                if r.name in running:
-                    bars.remove_task(running.pop(r.name))
-                bars.advance(overall)
-                if as_json:
-                    typer.echo(json.dumps(r.to_json()))
-                    sys.stdout.flush()
-                colour = {"done": "green", "skipped": "dim", "failed": "red"}[r.status]
-                why = f" — {escape(r.reason)}" if r.status == "failed" else ""
-                bars.console.print(f"[{colour}]{r.status:<7}[/] {r.name} ({r.seconds:.1f} s){why}", highlight=False)
+        def on_progress(name, p):
+            started()
+            if name not in running:
+                running[name] = bars.add_task(name[:24], total=1, info="")
+            loss = f" loss {p.loss:.4g}" if p.loss is not None else ""
+            bars.update(running[name], completed=p.step, total=max(p.total, 1), info=f"{p.stage}{loss} {p.message}")
 
+        def on_result(r):
+            started()
+            if r.name in running:
+                bars.remove_task(running.pop(r.name))
+            bars.advance(overall[0])
+            if as_json:
+                typer.echo(json.dumps(r.to_json(), allow_nan=False))
+                sys.stdout.flush()
+            colour = {"done": "green", "skipped": "dim", "failed": "red"}[r.status]
+            why = f" — {escape(r.reason)}" if r.status == "failed" else ""
+            bars.console.print(f"[{colour}]{r.status:<7}[/] {r.name} ({r.seconds:.1f} s){why}", highlight=False)
+
+        try:
             summary = b.run_batch(
                 assets, out_dir, force=force, device=device, gpus=gpu_list, backend=backend,
                 workers=workers, on_result=on_result, on_progress=on_progress,
             )
+        finally:
+            if overall:
+                bars.stop()
         if as_json:
             typer.echo(json.dumps(summary.to_json()))
         s = summary.to_json()
@@ -253,7 +346,7 @@ def batch(
 @app.command()
 def presets(
     show: Optional[str] = typer.Option(None, "--show", help="Print every setting of this preset with its documentation."),
-    as_json: bool = JsonOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout: each preset's changes, or with --show every setting's value, type and doc."),
 ) -> None:
     """List the presets, or show one in full."""
 
@@ -294,7 +387,7 @@ def presets(
 def doctor(
     model: Optional[str] = ModelOpt,
     kernels: bool = typer.Option(True, "--kernels/--no-kernels", help="Build/load gsplat's CUDA kernels (about a minute the first time)."),
-    as_json: bool = JsonOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the checks as a JSON list on stdout (name, status, detail, fix)."),
 ) -> None:
     """Check the GPU, gsplat's kernels, the model cache and free disk; each failure comes with its fix."""
     from tdgen.doctor import run_checks
@@ -303,11 +396,14 @@ def doctor(
     if as_json:
         typer.echo(json.dumps([c.__dict__ for c in checks]))
     else:
-        table = Table("check", "status", "detail", "fix")
+        # Lines, not a table: a table cuts the fix commands a user must copy to the terminal's
+        # width (80 columns in a pipe). soft_wrap leaves long lines whole for the terminal to wrap.
+        width = max(len(c.name) for c in checks)
         for c in checks:
-            status = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[red]FAIL[/]"}[c.status]
-            table.add_row(c.name, status, c.detail, c.fix)
-        Console(stderr=True).print(table)
+            status = {"ok": "[green]ok  [/]", "warn": "[yellow]warn[/]", "fail": "[red]FAIL[/]"}[c.status]
+            err.print(f"{status}  {escape(c.name):<{width}}  {escape(c.detail)}", highlight=False, soft_wrap=True)
+            if c.fix:
+                err.print(f"      {'':<{width}}  fix: {escape(c.fix)}", highlight=False, soft_wrap=True)
     if any(c.status == "fail" for c in checks):
         raise typer.Exit(1)
 

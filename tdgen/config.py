@@ -8,10 +8,12 @@ The code defaults *are* the `standard` preset (DreamGaussian's text-to-3D settin
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import importlib.resources
 import inspect
 import json
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field, fields, replace
@@ -203,7 +205,11 @@ SECTIONS: dict[str, type] = {
 
 def _presets_dir() -> Path:
     # presets/ lives at the repository root and is installed as the package `tdgen.presets`
-    # (pyproject's package-dir); a checkout used through PYTHONPATH, uninstalled, reads it directly.
+    # (pyproject's package-dir); a checkout used through PYTHONPATH reads its own presets/, even
+    # where another checkout is installed (editable) in the same environment.
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "presets" / "standard.toml").is_file():
+        return checkout / "presets"
     try:
         return Path(str(importlib.resources.files("tdgen.presets")))
     except ModuleNotFoundError:
@@ -287,19 +293,23 @@ def coerce_value(tp: Any, value: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
+        out = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
+            # TOML has nan and inf literals: a --config file or manifest can carry them too.
+            out = float(value) if not isinstance(value, int) or abs(value) < 2**1023 else None
+        elif isinstance(value, str):
+            with contextlib.suppress(ValueError):
                 out = float(value.strip())
-            except ValueError:
-                pass
-            else:
-                if out == out and abs(out) != float("inf"):
-                    return out
-        raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        if out is not None and math.isfinite(out):
+            return out
+        # nan from --set, from a TOML nan literal or from a manifest reads the same
+        shown = out if out is not None else repr(value)
+        raise ConfigError(f"{where}: expected a finite number, got {shown}")
     if tp is str:
         if isinstance(value, str):
+            problem = text_problem(value)
+            if problem:
+                raise ConfigError(f"{where}: {problem}")
             return value
         raise ConfigError(f"{where}: expected a string, got {value!r}")
     raise ConfigError(f"{where}: unsupported field type {tp!r}")  # pragma: no cover
@@ -336,9 +346,13 @@ def apply_overrides(cfg: Config, changes: Mapping[str, Any], source: str = "--se
                 f"{source}: unknown key {dotted!r}; valid keys of [{section}]: {', '.join(types)}"
             )
         by_section.setdefault(section, {})[key] = coerce_value(types[key], value, f"{source} {dotted}")
+    for dotted in changes:
+        section, _, key = dotted.partition(".")
+        value = by_section[section][key] if key else top[section]
+        check_range(dotted, value, f"{source} {dotted}")
     new_sections = {s: replace(getattr(cfg, s), **kv) for s, kv in by_section.items()}
     out = replace(cfg, **top, **new_sections)
-    validate(out)
+    validate(out, source)
     return out
 
 
@@ -373,6 +387,13 @@ def load_toml_file(path: str | Path) -> dict[str, Any]:
             data = tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist; check the path") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a folder; pass a .toml file such as NAME.config.toml") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}); pass a TOML file, "
+                          "e.g. one tdgen wrote beside an earlier output") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path} ({e.strerror or e}); check its permissions") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML ({e}); fix the file") from None
     return _flatten_toml(data, str(path))
@@ -414,18 +435,109 @@ def with_shortcuts(
     crop: str | None = None,
 ) -> Config:
     """Apply the CLI's shortcut options (`--seed`, `--model`, `--negative`, `--lods`, `--crop`)."""
-    changes: dict[str, Any] = {}
-    if seed is not None:
-        changes["seed"] = seed
-    if model is not None:
-        changes["model.id"] = model
-    if negative is not None:
-        changes["stage1.negative_prompt"] = negative
-    if lods is not None:
-        changes["export.lods"] = lods
-    if crop is not None:
-        changes["mesh.crop"] = crop
-    return apply_overrides(cfg, changes, source="option") if changes else cfg
+    for flag, key, value in (("--seed", "seed", seed), ("--model", "model.id", model),
+                             ("--negative", "stage1.negative_prompt", negative), ("--lods", "export.lods", lods),
+                             ("--crop", "mesh.crop", crop)):
+        if value is not None:
+            cfg = apply_overrides(cfg, {key: value}, source=flag)
+    return cfg
+
+
+# Inclusive bounds per setting, checked for every source (code, preset, --config, manifest,
+# --set) with the same message. The upper bounds keep a typo from asking for more memory than any
+# machine has (mesh.grid=100000 is 4·10¹⁵ bytes of grid) long after the model has loaded.
+LIMITS: dict[str, tuple[float, float, str]] = {
+    "seed": (-(2**63), 2**63 - 1, "a signed 64-bit integer, as TOML stores it"),
+    "stage1.steps": (1, 100_000, ""),
+    "stage1.guidance_scale": (0.0, 1000.0, ""),
+    "stage1.resolution": (16, 2048, "memory grows with its square"),
+    "stage1.encode_resolution": (0, 2048, "0 encodes at the render size"),
+    "stage1.num_points": (1, 1_000_000, ""),
+    "stage1.max_points": (1, 2_000_000, "each Gaussian costs about 1 KB with its optimizer state"),
+    "stage1.init_radius": (0.001, 100.0, ""),
+    "stage1.init_opacity": (0.001, 0.999, "an opacity of 0 or 1 is an infinite logit"),
+    "stage1.batch_size": (1, 32, "views per step; memory grows with it"),
+    "stage1.camera_radius": (0.01, 1000.0, ""),
+    "stage1.fovy": (1.0, 179.0, "degrees"),
+    "stage1.elevation_min": (-90.0, 90.0, "degrees"),
+    "stage1.elevation_max": (-90.0, 90.0, "degrees"),
+    "stage1.t_max": (0.001, 0.999, ""),
+    "stage1.t_min": (0.001, 0.999, ""),
+    "stage1.lr_position": (0.0, 10.0, ""),
+    "stage1.lr_position_final": (0.0, 10.0, ""),
+    "stage1.lr_color": (0.0, 10.0, ""),
+    "stage1.lr_opacity": (0.0, 10.0, ""),
+    "stage1.lr_scale": (0.0, 10.0, ""),
+    "stage1.lr_rotation": (0.0, 10.0, ""),
+    "stage1.densify_start": (0.0, 1.0, "a fraction of the steps"),
+    "stage1.densify_stop": (0.0, 1.0, "a fraction of the steps"),
+    "stage1.densify_every": (1, 1_000_000, ""),
+    "stage1.densify_grad": (0.0, 1.0, ""),
+    "stage1.prune_opacity": (0.0, 1.0, ""),
+    "mesh.grid": (16, 512, "memory grows with its cube"),
+    "mesh.views": (4, 1024, "depth views of the fusion surface"),
+    "mesh.view_resolution": (32, 2048, "memory grows with its square"),
+    "mesh.truncation": (0.5, 32.0, "voxels"),
+    "mesh.alpha": (0.001, 0.999, "an alpha of 0 or 1 finds every or no surface"),
+    "mesh.threshold": (1e-6, 1e6, ""),
+    "mesh.min_opacity": (0.0, 1.0, ""),
+    "mesh.min_component": (0.0, 1.0, "a fraction of the largest piece"),
+    "mesh.triangles": (12, 2_000_000, ""),
+    "texture.size": (16, 8192, "a power of two; memory grows with its square"),
+    "texture.padding": (0, 64, "texels"),
+    "texture.bake_views": (1, 256, ""),
+    "texture.bake_resolution": (16, 4096, "memory grows with its square"),
+    "texture.refine_steps": (0, 10_000, ""),
+    "texture.refine_lr": (0.0, 100.0, ""),
+    "texture.refine_resolution": (16, 2048, "memory grows with its square"),
+    "texture.refine_strength_start": (0.01, 1.0, ""),
+    "texture.refine_strength_end": (0.01, 1.0, ""),
+    "texture.refine_ddim_steps": (1, 1000, ""),
+    "texture.refine_guidance_scale": (0.0, 100.0, ""),
+    "export.height": (0.001, 1000.0, "metres"),
+    "export.lods": (0, 8, "each halves the triangles"),
+}
+NONEMPTY = ("model.id", "model.revision", "model.tiny_encoder_id")
+
+
+def _num(v: float) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def check_range(key: str, value: Any, where: str | None = None) -> None:
+    """ConfigError when `value` is outside `key`'s bounds (see LIMITS), naming the valid range."""
+    where = where or key
+    if key in LIMITS and isinstance(value, (int, float)) and not isinstance(value, bool):
+        lo, hi, note = LIMITS[key]
+        if not (isinstance(value, int) or math.isfinite(value)):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        if not lo <= value <= hi:
+            extra = f" ({note})" if note else ""
+            raise ConfigError(f"{where}: {_num(value)} is out of range; use a value from {_num(lo)} to {_num(hi)}{extra}")
+    if key in NONEMPTY and isinstance(value, str) and not value.strip():
+        raise ConfigError(f"{where}: must not be empty; give a hub id or a folder")
+
+
+def text_problem(text: str) -> str | None:
+    """Why `text` cannot be used as a prompt or setting, or None.
+
+    Bytes that are not UTF-8 in argv reach Python as lone surrogates (PEP 383); the tokenizer
+    and every file format tdgen writes (TOML, JSON, glTF) would reject them later.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return (f"holds bytes that are not valid UTF-8 (at character {e.start + 1}); pass the text "
+                "as UTF-8 (check the terminal's or the script's encoding)")
+    return None
+
+
+def _flat_items(cfg: Config):
+    for name in TOP_LEVEL:
+        yield name, getattr(cfg, name)
+    for section in SECTIONS:
+        for f in fields(getattr(cfg, section)):
+            yield f"{section}.{f.name}", getattr(getattr(cfg, section), f.name)
 
 
 def parse_crop(text: str) -> tuple[tuple[float, float, float], tuple[float, float, float]] | None:
@@ -445,44 +557,32 @@ def parse_crop(text: str) -> tuple[tuple[float, float, float], tuple[float, floa
     return (vals[0], vals[1], vals[2]), (vals[3], vals[4], vals[5])
 
 
-def validate(cfg: Config) -> None:
-    """Range checks that a type alone cannot express."""
+def validate(cfg: Config, source: str | None = None) -> None:
+    """Every bound in LIMITS plus the checks that relate two settings; `source` prefixes the
+    message (a file, a preset, --set) when a cross-setting check fails."""
+    for key, value in _flat_items(cfg):
+        check_range(key, value)
 
     def need(cond: bool, msg: str) -> None:
         if not cond:
-            raise ConfigError(msg)
+            raise ConfigError(f"{source}: {msg}" if source else msg)
 
     s1 = cfg.stage1
-    need(s1.steps >= 1, f"stage1.steps must be at least 1, got {s1.steps}")
-    need(s1.resolution >= 16, f"stage1.resolution must be at least 16 pixels, got {s1.resolution}")
-    need(s1.num_points >= 1, f"stage1.num_points must be at least 1, got {s1.num_points}")
-    need(s1.max_points >= s1.num_points, "stage1.max_points must be at least stage1.num_points")
-    need(s1.batch_size >= 1, f"stage1.batch_size must be at least 1, got {s1.batch_size}")
-    need(0.0 < s1.t_min <= s1.t_max < 1.0, "stage1 needs 0 < t_min <= t_max < 1")
-    need(s1.elevation_min <= s1.elevation_max, "stage1.elevation_min must not exceed elevation_max")
-    need(0 < s1.fovy < 180, "stage1.fovy must be between 0 and 180 degrees")
-    need(0 <= s1.densify_start <= s1.densify_stop <= 1, "stage1 needs 0 <= densify_start <= densify_stop <= 1")
-    need(cfg.mesh.grid >= 16, f"mesh.grid must be at least 16, got {cfg.mesh.grid}")
-    need(cfg.mesh.triangles >= 12, f"mesh.triangles must be at least 12, got {cfg.mesh.triangles}")
-    m = cfg.mesh
-    need(4 <= m.views <= 1024, f"mesh.views must be between 4 and 1024, got {m.views}")
-    need(32 <= m.view_resolution <= 2048,
-         f"mesh.view_resolution must be between 32 and 2048 pixels, got {m.view_resolution}")
-    need(0.5 <= m.truncation <= 32, f"mesh.truncation must be between 0.5 and 32 voxels, got {m.truncation}")
-    need(0.0 < m.alpha < 1.0, f"mesh.alpha must be between 0 and 1 (exclusive), got {m.alpha}")
-    parse_crop(m.crop)
+    need(s1.max_points >= s1.num_points,
+         f"stage1.max_points ({s1.max_points}) must be at least stage1.num_points ({s1.num_points}); raise max_points or lower num_points")
+    need(s1.t_min <= s1.t_max, f"stage1.t_min ({s1.t_min:g}) must not exceed stage1.t_max ({s1.t_max:g}); swap them")
+    need(s1.elevation_min <= s1.elevation_max,
+         f"stage1.elevation_min ({s1.elevation_min:g}) must not exceed stage1.elevation_max ({s1.elevation_max:g}); swap them")
+    need(s1.densify_start <= s1.densify_stop,
+         f"stage1.densify_start ({s1.densify_start:g}) must not exceed stage1.densify_stop ({s1.densify_stop:g}); swap them")
+    need(s1.encode_resolution == 0 or s1.encode_resolution >= 16,
+         f"stage1.encode_resolution must be 0 (the render size) or at least 16, got {s1.encode_resolution}")
+    try:
+        parse_crop(cfg.mesh.crop)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}" if source else str(e)) from None
     size = cfg.texture.size
-    need(
-        size >= 16 and size & (size - 1) == 0,
-        f"texture.size must be a power of two (e.g. 512, 1024, 2048), got {size}",
-    )
-    need(cfg.texture.refine_steps >= 0, "texture.refine_steps must be 0 or more")
-    need(
-        0 < cfg.texture.refine_strength_start <= 1 and 0 < cfg.texture.refine_strength_end <= 1,
-        "texture.refine_strength_start/end must be in (0, 1]",
-    )
-    need(cfg.export.height > 0, f"export.height must be positive metres, got {cfg.export.height}")
-    need(cfg.export.lods >= 0, "export.lods must be 0 or more")
+    need(size & (size - 1) == 0, f"texture.size must be a power of two (e.g. 512, 1024, 2048), got {size}")
 
 
 # ---------------------------------------------------------------------------------------------

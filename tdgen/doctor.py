@@ -44,8 +44,9 @@ def _check_torch() -> list[Check]:
             Check(
                 "cuda",
                 "warn",
-                "no CUDA GPU visible to PyTorch: generation falls back to the CPU (minutes per step at full size)",
-                "use a machine with an NVIDIA GPU and a CUDA build of torch (pip install torch --index-url https://download.pytorch.org/whl/cu128)",
+                "no CUDA GPU visible to PyTorch: generation runs on the CPU (fine for the tiny test "
+                "model, far too slow for a full-size one); on an NVIDIA GPU machine install a CUDA torch",
+                "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128",
             )
         )
     return out
@@ -100,7 +101,7 @@ def _check_model(model_id: str) -> Check:
         "model",
         "fail" if offline else "warn",
         f"{model_id} is not in the local cache" + (" and HF_HUB_OFFLINE is set" if offline else "; it downloads (~5 GB) on first use"),
-        f"hf download {model_id}   (or --model PATH to a local diffusers folder)",
+        f"hf download {model_id}   (or pass --model PATH to a local diffusers folder)",
     )
 
 

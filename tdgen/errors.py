@@ -50,6 +50,13 @@ class GenerationError(TdgenError):
     exit_code = 1
 
 
+class WriteError(TdgenError):
+    """An output could not be written (disk full, read-only file system, no permission); the
+    temp file is removed and any previous output is left as it was."""
+
+    exit_code = 1
+
+
 class BatchError(TdgenError):
     """At least one asset of a batch failed; the others were kept."""
 

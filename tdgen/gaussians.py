@@ -234,6 +234,9 @@ def load_ply(path: str | os.PathLike) -> Gaussians:
     if any(kind == "list" for _, kind, _ in props):
         raise fail("has a list property in the vertex element")
     prop_names = [p[0] for p in props]
+    twice = sorted({n for n in prop_names if prop_names.count(n) > 1})
+    if twice:
+        raise fail(f"has the vertex property '{twice[0]}' more than once", "re-export the splat")
     for req in _REQUIRED:
         if req not in prop_names:
             raise fail(f"is missing the vertex property '{req}'")

@@ -1,332 +1,40 @@
-"""The diffusion side: model loading, prompt embeddings, score distillation and img2img targets.
+"""The diffusion side: prompt embeddings, score distillation and img2img targets.
 
-One `DiffusionModel` is loaded per process (or batch worker) and shared by stage 1 (SDS through
-`SDSGuidance`) and texture refinement (`img2img_target`). Only safetensors weights are loaded.
+One `DiffusionModel` (loaded by `tdgen.model.load_model`, re-exported here) is loaded per process
+(or batch worker) and shared by stage 1 (SDS through `SDSGuidance`) and texture refinement
+(`img2img_target`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
-import os
-import re
 import warnings
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tdgen.config import ModelConfig, Stage1Config
-from tdgen.errors import ModelFormatError, ModelNotFoundError
-from tdgen.io import sha256_file
-
-# Memory layouts measured on an H200 (benchmarks/gpu_probe.py --vae): the SD VAE encoder's
-# forward+backward at 512² takes 23.6 ms in NCHW and 30.6 ms in channels_last (fp16 and bf16
-# alike), so the VAE stays NCHW; the UNet keeps channels_last.
-CHANNELS_LAST_UNET = True
+from tdgen.config import Stage1Config
+# Model finding/checking/loading lives in tdgen.model; these names stay importable from here.
+from tdgen.model import (  # noqa: F401
+    CHANNELS_LAST_UNET,
+    COMPONENTS,
+    PICKLE_SUFFIXES,
+    WEIGHT_COMPONENTS,
+    DiffusionModel,
+    assemble_model,
+    folder_fingerprint,
+    load_model,
+    load_tiny_encoder,
+    quiet_hf_progress,
+    resolve_dtype,
+)
 
 if TYPE_CHECKING:
     from tdgen.render import Cameras
 
-COMPONENTS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
-WEIGHT_COMPONENTS = ("text_encoder", "vae", "unet")
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 VIEW_SUFFIXES = {"front": ", front view", "side": ", side view", "back": ", back view"}
-
-
-# ---------------------------------------------------------------------------------------------
-# The model
-
-
-@dataclass
-class DiffusionModel:
-    """A loaded Stable Diffusion model; SDS and texture refinement share it."""
-
-    tokenizer: Any
-    text_encoder: Any
-    vae: Any
-    unet: Any
-    scheduler: Any
-    """DDIMScheduler built from the model's own scheduler config (SD ships PNDM's)."""
-    device: torch.device
-    dtype: torch.dtype
-    model_id: str
-    source: dict
-    """{"id", "revision": resolved commit} for hub ids; {"id", "files": {relpath: sha256}} for
-    local folders."""
-    tiny_vae: Any = None
-    """AutoencoderTiny used as the SDS encoder when `ModelConfig.sds_encoder = "tiny"`."""
-    cuda_graphs: bool = False
-    """Replay the UNet's CFG forward from CUDA graphs (set only when on CUDA and enabled)."""
-    graphs: dict = field(default_factory=dict, init=False, repr=False)
-    """Captured CUDA graphs per input shape; shared by every SDSGuidance on this model."""
-
-    @property
-    def num_train_timesteps(self) -> int:
-        return int(self.scheduler.config.num_train_timesteps)
-
-    @property
-    def prediction_type(self) -> str:
-        return str(self.scheduler.config.prediction_type)
-
-    @property
-    def alphas_cumprod(self) -> Tensor:  # [T] fp32 on the model's device
-        ac = self.scheduler.alphas_cumprod
-        if ac.device != self.device or ac.dtype != torch.float32:
-            # Cached on the scheduler so a CUDA step never pays a host-to-device copy.
-            self.scheduler.alphas_cumprod = ac = ac.to(self.device, torch.float32)
-        return ac
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto` is fp16 on CUDA (SD's usual inference dtype) and fp32 on CPU (fp16 CPU kernels are
-    slow or missing)."""
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
-
-
-def assemble_model(tokenizer, text_encoder, vae, unet, scheduler, device, dtype: torch.dtype,
-                   model_id: str, source: dict, tiny_vae=None, cuda_graphs: bool = True
-                   ) -> DiffusionModel:
-    """Move frozen modules to `device`/`dtype` in eval mode and wrap them as a DiffusionModel."""
-    device = torch.device(device)
-    modules = [m for m in (text_encoder, vae, unet, tiny_vae) if m is not None]
-    for m in modules:
-        if next(m.parameters()).dtype != dtype:
-            m.to(dtype=dtype)
-        m.to(device=device)
-        m.eval()
-        m.requires_grad_(False)
-    if device.type == "cuda" and CHANNELS_LAST_UNET:
-        unet.to(memory_format=torch.channels_last)
-    model = DiffusionModel(tokenizer, text_encoder, vae, unet, scheduler, device, dtype, model_id,
-                           source, tiny_vae=tiny_vae,
-                           cuda_graphs=bool(cuda_graphs and device.type == "cuda"))
-    _ = model.alphas_cumprod  # move the schedule once
-    return model
-
-
-# ---------------------------------------------------------------------------------------------
-# Locating a model: hub id or local folder
-
-
-def _hub_patterns() -> list[str]:
-    # Only what the five components need: configs, the tokenizer, and unsharded or sharded
-    # safetensors weights (never the fp16 variant duplicates or pickles).
-    patterns = ["model_index.json", "scheduler/*.json", "tokenizer/*"]
-    for comp in WEIGHT_COMPONENTS:
-        patterns += [f"{comp}/*.json", f"{comp}/model.safetensors",
-                     f"{comp}/diffusion_pytorch_model.safetensors", f"{comp}/*-of-*.safetensors"]
-    return patterns
-
-
-_TINY_PATTERNS = ["config.json", "diffusion_pytorch_model.safetensors"]
-
-
-def _is_offline() -> bool:
-    from huggingface_hub.constants import is_offline_mode
-
-    return bool(is_offline_mode())
-
-
-def _looks_like_path(model_id: str) -> bool:
-    return (model_id.startswith((".", "~", "/")) or "\\" in model_id or model_id.count("/") > 1
-            or os.path.isabs(model_id))
-
-
-def _fetch_hub(repo_id: str, revision: str, patterns: list[str]) -> Path:
-    """Snapshot folder of a hub repo (from the cache when offline); ModelNotFoundError otherwise."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, HFValidationError, HfHubHTTPError,
-                                        LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
-
-    fix = (f"run 'hf download {repo_id}' on a connected machine (HF_HOME to choose the cache) "
-           "or pass --model PATH to a local diffusers folder")
-    try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
-    except HFValidationError:
-        raise ModelNotFoundError(
-            f"model {repo_id!r} is neither an existing folder nor a valid hub id; pass --model "
-            "PATH to a local diffusers folder or an id like owner/name") from None
-    except LocalEntryNotFoundError:
-        why = "offline" if _is_offline() else "network error"
-        raise ModelNotFoundError(
-            f"model {repo_id!r} is not in the local Hugging Face cache and could not be downloaded "
-            f"({why}); {fix}") from None
-    except GatedRepoError:
-        raise ModelNotFoundError(
-            f"model {repo_id!r} is gated on the hub; accept its licence on huggingface.co and "
-            f"log in with 'hf auth login', or pass --model PATH to a local diffusers folder"
-        ) from None
-    except RevisionNotFoundError:
-        raise ModelNotFoundError(
-            f"model {repo_id!r} has no revision {revision!r}; set model.revision to an existing "
-            "branch, tag or commit") from None
-    except RepositoryNotFoundError:
-        raise ModelNotFoundError(
-            f"model {repo_id!r} was not found on the hub; check the id or pass --model PATH to a "
-            "local diffusers folder") from None
-    except (HfHubHTTPError, OSError) as e:
-        raise ModelNotFoundError(
-            f"model {repo_id!r} could not be downloaded ({type(e).__name__}); {fix}") from None
-
-
-def _weight_files(folder: Path) -> tuple[list[Path], list[Path]]:
-    files = [p for p in folder.rglob("*") if p.is_file()]
-    safe = [p for p in files if p.name.endswith(".safetensors")]
-    pickled = [p for p in files if p.name.endswith(PICKLE_SUFFIXES)]
-    return safe, pickled
-
-
-def _check_folder(folder: Path, model_id: str) -> None:
-    """Raise the user-facing error for a folder that is not a loadable safetensors SD model."""
-    safe, pickled = _weight_files(folder)
-    if pickled and not safe:
-        raise ModelFormatError(
-            f"refusing pickled weights in {model_id!r} ({pickled[0].name}): tdgen loads only "
-            "safetensors; convert to safetensors with diffusers (DiffusionPipeline.from_pretrained"
-            "(DIR).save_pretrained(OUT, safe_serialization=True)) and pass --model OUT")
-    for comp in COMPONENTS:
-        if not (folder / comp).is_dir():
-            raise ModelNotFoundError(
-                f"model {model_id!r} has no {comp}/ subfolder; pass --model PATH to a complete "
-                "diffusers Stable Diffusion folder (tokenizer, text_encoder, vae, unet, scheduler)")
-    for comp in WEIGHT_COMPONENTS:
-        if not any(p.name.endswith(".safetensors") for p in (folder / comp).iterdir()):
-            if any(p.name.endswith(PICKLE_SUFFIXES) for p in (folder / comp).iterdir()):
-                raise ModelFormatError(
-                    f"refusing pickled weights in {model_id!r}/{comp}: tdgen loads only "
-                    "safetensors; convert to safetensors with diffusers' save_pretrained("
-                    "OUT, safe_serialization=True) and pass --model OUT")
-            raise ModelNotFoundError(
-                f"model {model_id!r} has no safetensors weights in {comp}/ (tdgen refuses pickled "
-                f".bin/.ckpt weights); run 'hf download {model_id}' for a complete copy, or "
-                "convert the model to safetensors and pass --model PATH")
-
-
-_HASH_CACHE: dict[tuple[str, int, int], str] = {}
-
-
-def _hash_cached(path: Path) -> str:
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _HASH_CACHE:
-        # Hashing GBs of weights takes seconds; a batch loads the same folder many times.
-        _HASH_CACHE[key] = sha256_file(path)
-    return _HASH_CACHE[key]
-
-
-def folder_fingerprint(folder: str | Path) -> dict[str, str]:
-    """{relpath: sha256} of the weights and configs under `folder` (cached per path/size/mtime)."""
-    folder = Path(folder)
-    out = {}
-    for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.suffix in (".safetensors", ".json", ".txt"):
-            out[p.relative_to(folder).as_posix()] = _hash_cached(p)
-    return out
-
-
-def _locate(model_id: str, revision: str, patterns: list[str]) -> tuple[Path, dict]:
-    local = Path(model_id).expanduser()
-    if local.is_dir():
-        return local, {"id": model_id, "files": folder_fingerprint(local)}
-    if local.exists() or _looks_like_path(model_id):
-        hint = ("pass a diffusers folder, not a single checkpoint file" if local.is_file()
-                else "check the path")
-        raise ModelNotFoundError(f"model folder {model_id!r} does not exist or is not a folder; "
-                                 f"{hint} (--model PATH)")
-    folder = _fetch_hub(model_id, revision, patterns)
-    commit = folder.name if re.fullmatch(r"[0-9a-f]{40}", folder.name) else revision
-    return folder, {"id": model_id, "revision": commit}
-
-
-def _pretrained_kwargs() -> dict:
-    kw: dict[str, Any] = {"use_safetensors": True}
-    if importlib.util.find_spec("accelerate") is None:
-        # Without accelerate diffusers warns on every load; the plain path is what it does anyway.
-        kw["low_cpu_mem_usage"] = False
-    return kw
-
-
-@contextlib.contextmanager
-def quiet_hf_progress():
-    """Silence transformers'/diffusers' tqdm bars (they would interleave with our own progress
-    output on stderr), restoring their previous state afterwards."""
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
-
-    saved = [(m, m.is_progress_bar_enabled()) for m in (tlog, dlog)]
-    for m, _ in saved:
-        m.disable_progress_bar()
-    try:
-        yield
-    finally:
-        for m, was in saved:
-            if was:
-                m.enable_progress_bar()
-
-
-def load_model(cfg: ModelConfig, device) -> DiffusionModel:
-    """Load a diffusers SD model from a hub id (cache first) or a local folder, frozen, in eval.
-
-    Raises ModelNotFoundError (not cached/found, incomplete folder) or ModelFormatError (pickles).
-    """
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    device = torch.device(device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    folder, source = _locate(cfg.id, cfg.revision, _hub_patterns())
-    _check_folder(folder, cfg.id)
-
-    kw = _pretrained_kwargs()
-    with quiet_hf_progress():
-        tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
-        text_encoder = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), dtype=dtype,
-                                                     use_safetensors=True)
-        vae = AutoencoderKL.from_pretrained(str(folder / "vae"), torch_dtype=dtype, **kw)
-        unet = UNet2DConditionModel.from_pretrained(str(folder / "unet"), torch_dtype=dtype, **kw)
-    # DDIM from the model's own config: SD ships a PNDM config with the same betas, and SDS only
-    # needs the training schedule (ᾱ_t) plus a deterministic sampler for img2img.
-    scheduler = DDIMScheduler.from_pretrained(str(folder), subfolder="scheduler")
-    if scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
-        raise ModelFormatError(
-            f"model {cfg.id!r} predicts {scheduler.config.prediction_type!r}; tdgen supports "
-            "epsilon and v_prediction models, pass --model with one of those")
-
-    tiny_vae = None
-    if cfg.sds_encoder == "tiny":
-        tiny_vae, tiny_source = load_tiny_encoder(cfg.tiny_encoder_id, cfg.revision, dtype)
-        source = {**source, "sds_encoder": tiny_source}
-    return assemble_model(tokenizer, text_encoder, vae, unet, scheduler, device, dtype, cfg.id,
-                          source, tiny_vae=tiny_vae, cuda_graphs=cfg.cuda_graphs)
-
-
-def load_tiny_encoder(model_id: str, revision: str, dtype: torch.dtype):
-    """AutoencoderTiny (TAESD-style) from a hub id or folder; returns (module on CPU, source)."""
-    from diffusers import AutoencoderTiny
-
-    # The tiny encoder's hub revision is its own; the SD model's revision does not apply.
-    folder, source = _locate(model_id, "main", _TINY_PATTERNS)
-    safe, pickled = _weight_files(folder)
-    if pickled and not safe:
-        raise ModelFormatError(
-            f"refusing pickled weights in {model_id!r}: tdgen loads only safetensors; convert "
-            "with diffusers' save_pretrained(OUT, safe_serialization=True) and set "
-            "model.tiny_encoder_id to OUT")
-    if not (folder / "config.json").is_file() or not safe:
-        raise ModelNotFoundError(
-            f"tiny encoder {model_id!r} has no config.json or safetensors weights; set "
-            "model.tiny_encoder_id to an AutoencoderTiny folder or use model.sds_encoder=vae")
-    with quiet_hf_progress():
-        module = AutoencoderTiny.from_pretrained(str(folder), torch_dtype=dtype,
-                                                 **_pretrained_kwargs())
-    return module, source
 
 
 # ---------------------------------------------------------------------------------------------

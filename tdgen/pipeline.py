@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import glob
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -15,11 +17,11 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 
 from tdgen import __version__
-from tdgen.config import Config, dump_toml
+from tdgen.config import Config, dump_toml, text_problem, validate
 from tdgen.errors import InputError
-from tdgen.io import atomic_write_text, sha256_file
+from tdgen.io import atomic_write_text, check_writable, pending_path, sha256_file, staged_outputs
 from tdgen.progress import Progress, ProgressFn, no_progress
-from tdgen.runtime import make_generator, resolve_device
+from tdgen.runtime import deterministic, make_generator, resolve_device
 
 if TYPE_CHECKING:
     from tdgen.gaussians import Gaussians
@@ -97,7 +99,8 @@ class _MeshClock:
 
 
 def check_output_path(out: Path, allowed: tuple[str, ...] = OUTPUT_SUFFIXES) -> Path:
-    """Fail before any work if the output path cannot be written."""
+    """Fail before any work if the output path cannot be written (a probe file is created and
+    removed in its folder, which is created if missing)."""
     out = Path(out)
     if out.suffix.lower() not in allowed:
         raise InputError(
@@ -108,7 +111,25 @@ def check_output_path(out: Path, allowed: tuple[str, ...] = OUTPUT_SUFFIXES) -> 
     parent = out.parent if str(out.parent) else Path(".")
     if parent.exists() and not parent.is_dir():
         raise InputError(f"cannot write {out}: {parent} is not a folder")
+    check_writable(parent)
     return out
+
+
+def check_prompt(prompt: str, what: str = "the prompt") -> str:
+    """InputError for an empty prompt or one that is not valid text."""
+    if not prompt or not prompt.strip():
+        raise InputError(f"{what} is empty; pass a description such as \"a red chair\"")
+    problem = text_problem(prompt)
+    if problem:
+        raise InputError(f"{what} {problem}")
+    return prompt
+
+
+def _stale_lods(out: Path, lods: int) -> list[Path]:
+    """LOD files of an earlier run beyond this run's count: they go when this run commits."""
+    pattern = re.compile(rf"^{re.escape(out.stem)}_lod(\d+){re.escape(out.suffix)}$")
+    return [p for p in out.parent.glob(f"{glob.escape(out.stem)}_lod*{out.suffix}")
+            if (m := pattern.match(p.name)) and int(m.group(1)) > lods]
 
 
 def config_path_for(out: Path) -> Path:
@@ -126,18 +147,29 @@ def generate(
     on_progress: ProgressFn = no_progress,
 ) -> GenerateResult:
     """Text → asset. `out` ending in `.glb` runs both stages; `.ply` stops after the splat."""
-    from tdgen.gaussians import save_ply
-    from tdgen.guidance import SDSGuidance
-    from tdgen.optimize import optimize_gaussians
-
-    # 1. check inputs
-    if not prompt or not prompt.strip():
-        raise InputError("the prompt is empty; pass a description such as \"a red chair\"")
-    out = check_output_path(Path(out))
+    # 1. check inputs, before the model loads
+    check_prompt(prompt)
+    validate(cfg)
     dev = device if isinstance(device, torch.device) else resolve_device(device)
+    out = check_output_path(Path(out))  # last: it creates the folder if missing
     result = GenerateResult()
     timer = _Timer(dev, result.timings)
     t_start = time.perf_counter()
+    # Every file below is written under a temp name and renamed only when the whole run has
+    # succeeded: a failure (or Ctrl-C) leaves the previous asset's files as they were.
+    with staged_outputs() as staged, deterministic(dev):
+        _generate(prompt, cfg, out, dev, model, timer, result, on_progress)
+        for p in _stale_lods(out, cfg.export.lods):
+            staged.remove_on_commit(p)
+        _finish(cfg, out, result, t_start)
+    return result
+
+
+def _generate(prompt, cfg: Config, out: Path, dev, model, timer: _Timer, result: GenerateResult,
+              on_progress: ProgressFn) -> None:
+    from tdgen.gaussians import save_ply
+    from tdgen.guidance import SDSGuidance
+    from tdgen.optimize import optimize_gaussians
 
     # 2.-3. load the diffusion model (unless the caller shares one) and encode the prompt once
     model, embeddings = _model_and_embeddings(prompt, cfg, dev, model, timer, on_progress)
@@ -159,13 +191,11 @@ def generate(
         result.outputs["splat"] = splat_path
 
     if out.suffix.lower() == ".ply":
-        result.sha256 = sha256_file(out)
+        result.sha256 = sha256_file(pending_path(out))
     else:
         # 6. stage 2: mesh, UVs, texture, export
         _stage2(gaussians, cfg, out, dev, model, embeddings, generator, timer, result, on_progress)
-
-    # 7. the resolved config beside the output
-    return _finish(cfg, out, result, t_start)
+    # 7. the resolved config beside the output (written by the caller, last)
 
 
 def mesh_from_splat(
@@ -183,8 +213,11 @@ def mesh_from_splat(
     from tdgen.gaussians import load_ply
 
     # 1. check inputs before any heavy work
-    out = check_output_path(Path(out), (".glb",))
+    if prompt is not None and prompt.strip():
+        check_prompt(prompt, "--prompt")
+    validate(cfg)
     dev = device if isinstance(device, torch.device) else resolve_device(device)
+    out = check_output_path(Path(out), (".glb",))  # last: it creates the folder if missing
     result = GenerateResult()
     timer = _Timer(dev, result.timings)
     t_start = time.perf_counter()
@@ -200,12 +233,14 @@ def mesh_from_splat(
     else:
         model = None
 
-    # 3. stage 2
+    # 3. stage 2, its files committed together with the config (4.) once all succeeded
     generator = make_generator(cfg.seed, dev)
-    _stage2(gaussians.to(dev), cfg, out, dev, model, embeddings, generator, timer, result, on_progress)
-
-    # 4. the resolved config beside the output
-    return _finish(cfg, out, result, t_start)
+    with staged_outputs() as staged, deterministic(dev):
+        _stage2(gaussians.to(dev), cfg, out, dev, model, embeddings, generator, timer, result, on_progress)
+        for p in _stale_lods(out, cfg.export.lods):
+            staged.remove_on_commit(p)
+        _finish(cfg, out, result, t_start)
+    return result
 
 
 def _model_and_embeddings(prompt, cfg: Config, dev, model, timer: _Timer, on_progress: ProgressFn):
@@ -295,4 +330,4 @@ def _stage2(
     result.counts["triangles"] = exported.triangles
     result.counts["texture_size"] = exported.texture_size
     result.counts["texels"] = exported.texture_size**2
-    result.sha256 = sha256_file(out)
+    result.sha256 = sha256_file(pending_path(out))

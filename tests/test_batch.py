@@ -23,9 +23,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tdgen import batch as B
+from tdgen.batch import runners as R
+from tdgen.batch import specs as S
 from tdgen.config import dump_toml
 from tdgen.errors import BatchError, ConfigError, InputError
-from tdgen.io import TEMP_PREFIX, atomic_path, atomic_write_bytes, atomic_write_text, sha256_file
+from tdgen.io import TEMP_PREFIX, atomic_path, atomic_write_bytes, atomic_write_text, pending_path, sha256_file
 from tdgen.progress import Progress
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -88,7 +90,7 @@ def fake_generate(prompt, cfg, out, *, device="auto", model=None, on_progress=la
         outputs={"glb": out, "preview": preview, "config": cfg_path},
         timings={"total": 0.01},
         counts=counts,
-        sha256=sha256_file(out),
+        sha256=sha256_file(pending_path(out)),  # inside the asset's staged set: not renamed yet
     )
 
 
@@ -101,8 +103,8 @@ def fakes(monkeypatch):
         calls.append(Path(out).stem)
         return fake_generate(prompt, cfg, out, **kw)
 
-    monkeypatch.setattr(B, "_default_generate", gen)
-    monkeypatch.setattr(B, "_default_load_model", fake_load_model)
+    monkeypatch.setattr(R, "_default_generate", gen)
+    monkeypatch.setattr(R, "_default_load_model", fake_load_model)
     return calls
 
 
@@ -225,7 +227,7 @@ def test_lod_name_clash_is_an_error():
 # hypothesis: names are the only thing allowed to become file names, so check them hardest
 
 _name = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_-]{0,40}", fullmatch=True).filter(
-    lambda n: n.lower() not in B._RESERVED and not B._LOD_NAME.match(n.lower())
+    lambda n: n.lower() not in S._RESERVED and not S._LOD_NAME.match(n.lower())
 )
 _prompt = st.text(
     st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")), min_size=1, max_size=60
@@ -238,10 +240,10 @@ def test_prompt_list_round_trip(items, data):
     # unnamed entries only where the prompt cannot be read as `name: …`; names unique ignoring case
     expected, seen, lines = [], set(), []
     for name, prompt in items:
-        if name is None and B._NAMED_LINE.match(prompt):
+        if name is None and S._NAMED_LINE.match(prompt):
             continue
         final = name.lower() if name else B.slugify(prompt)
-        if final in seen or B._LOD_NAME.match(final):
+        if final in seen or S._LOD_NAME.match(final):
             continue
         seen.add(final)
         expected.append((final, prompt))
@@ -250,7 +252,7 @@ def test_prompt_list_round_trip(items, data):
             lines.append(prompt)
         else:
             lines.append(f"{name}: {prompt}" if data.draw(st.booleans()) else f"  {name}:\t{prompt}  ")
-    if not expected or any(B._LOD_NAME.match(n) and B._LOD_NAME.match(n).group(1) in seen for n in seen):
+    if not expected or any(S._LOD_NAME.match(n) and S._LOD_NAME.match(n).group(1) in seen for n in seen):
         return
     specs = B.parse_prompt_list("\n".join(lines) + data.draw(st.sampled_from(["", "\n", "\r\n"])))
     assert [(s.name, s.prompt) for s in specs] == expected
@@ -522,7 +524,7 @@ def test_failures_are_isolated(tmp_path, caplog):
 
 def test_oom_frees_the_accelerator_and_continues(tmp_path, monkeypatch):
     freed = []
-    monkeypatch.setattr(B, "_free_accelerator", lambda: freed.append(1))
+    monkeypatch.setattr(R, "_free_accelerator", lambda: freed.append(1))
     src = write(tmp_path / "p.txt", "a: an OOM thing\nb: a fine thing\n")
     _, res = run(plan(src), tmp_path / "out")
     assert res["a"].status == "failed" and "out of memory" in res["a"].reason
@@ -557,7 +559,10 @@ def test_stale_temps_removed_and_interrupt_cleans_up(tmp_path, monkeypatch):
     src = write(tmp_path / "p.txt", THREE)
     out = tmp_path / "out"
     out.mkdir()
-    (out / f"{TEMP_PREFIX}abc.glb").write_bytes(b"half")
+    # a leftover whose writer cannot be told (old naming), hours old: stale
+    old = out / f"{TEMP_PREFIX}abc.glb"
+    old.write_bytes(b"half")
+    os.utime(old, (time.time() - 3 * 3600,) * 2)
     monkeypatch.setenv("TDGEN_TEST_INTERRUPT", "barrel")
     with pytest.raises(KeyboardInterrupt):
         run(plan(src), out)
@@ -575,6 +580,8 @@ from pathlib import Path
 sys.path.insert(0, {tests!r})
 import test_batch as T
 from tdgen import batch as B
+from tdgen.batch import runners as R
+from tdgen.batch import specs as S
 assets = B.plan_assets(B.load_batch_file({src!r}), sets=T.FAST)
 B.run_batch(assets, {out!r}, generate_fn=T.fake_generate, load_model_fn=T.fake_load_model)
 """
@@ -599,7 +606,10 @@ def test_kill_9_mid_asset_then_rerun_leaves_nothing_partial(tmp_path):
             assert time.time() < deadline, "stand-in never reached its write"
             time.sleep(0.05)
         assert not no_temps(out)  # the half-written temp is really there
-        assert not (out / "barrel.tdgen.json").exists()  # stale sidecar removed before the work
+        # mid-write, the previous barrel is whole: its files and the sidecar vouching for them
+        old_side = json.loads((out / "barrel.tdgen.json").read_text())
+        assert old_side["prompt"] == "a medieval barrel"
+        assert all(sha256_file(out / rel) == h for rel, h in old_side["files"].items())
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -794,4 +804,36 @@ def test_end_to_end_three_assets_with_the_tiny_model(tmp_path, tiny_model_dir):
         assert (out / f"{name}.preview.png").read_bytes()[:4] == b"\x89PNG"
     again = B.run_batch(B.plan_assets(B.load_batch_file(src), preset="draft", sets=sets), out, device="cpu")
     assert again.names("skipped") == ["cube", "ball", "cone"]
+    assert no_temps(out)
+
+
+@pytest.mark.slow
+def test_two_concurrent_batches_into_one_folder(tmp_path, tiny_model_dir):
+    """Each batch cleans up temp files at its start and end; neither may touch the other's files
+    in flight (B starts while A holds staged outputs)."""
+    out = tmp_path / "out"
+    lists = {}
+    for tag in ("a", "b"):
+        lists[tag] = write(tmp_path / f"{tag}.txt", "".join(f"{tag}{i}: a {tag} thing number {i}\n" for i in range(4)))
+    args = ["-o", str(out), "--model", str(tiny_model_dir), "--device", "cpu", "--preset", "smoke",
+            "--set", "stage1.steps=2", "--set", "texture.refine_steps=0", "--set", "export.preview=false"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+    def start(tag):
+        return subprocess.Popen([sys.executable, "-m", "tdgen.cli", "batch", str(lists[tag]), *args],
+                                env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    a = start("a")
+    deadline = time.time() + 120
+    while no_temps(out) if out.exists() else True:
+        assert a.poll() is None, a.stderr.read().decode()
+        assert time.time() < deadline, "batch A never wrote a temp file"
+        time.sleep(0.02)
+    b = start("b")
+    errs = {tag: p.communicate(timeout=300)[1].decode() for tag, p in (("a", a), ("b", b))}
+    assert (a.returncode, b.returncode) == (0, 0), errs
+    for name in [f"{t}{i}" for t in "ab" for i in range(4)]:
+        assert_valid_glb(out / f"{name}.glb")
+        side = json.loads((out / f"{name}.tdgen.json").read_text())
+        assert all(sha256_file(out / rel) == h for rel, h in side["files"].items())
     assert no_temps(out)

@@ -18,7 +18,7 @@ def test_standard_preset_is_the_code_defaults():
     assert (s1.t_max, s1.t_min) == (0.98, 0.02)
 
 
-@pytest.mark.parametrize("name", ["draft", "standard", "quality"])
+@pytest.mark.parametrize("name", ["draft", "standard", "quality", "smoke"])
 def test_presets_load_and_only_list_known_keys(name):
     changes = C.load_preset(name)
     cfg = C.resolve_config(name)
@@ -67,7 +67,13 @@ def test_set_overrides_are_typed():
         ("export.shading=pbr", "use one of unlit, lit"),
         ("stage1.view_prompts=maybe", "true or false"),
         ("texture.size=1000", "power of two"),
-        ("stage1.steps=0", "at least 1"),
+        ("stage1.steps=0", "use a value from 1 to 100000"),
+        ("mesh.grid=100000", "use a value from 16 to 512 (memory grows with its cube)"),
+        ("stage1.guidance_scale=inf", "finite number"),
+        ("export.height=-1", "use a value from 0.001 to 1000 (metres)"),
+        ("stage1.max_points=10", "must be at least stage1.num_points"),
+        ("model.id=", "must not be empty"),
+        ("stage1.negative_prompt=bad \udcff byte", "not valid UTF-8 (at character 5)"),
         ("bogus=1", "unknown setting"),
         ("stage1.steps", "expected section.key=value"),
     ],
@@ -82,7 +88,7 @@ def test_bad_settings_are_one_line_errors_with_the_choices(item, fragment):
 
 
 def test_unknown_preset_lists_the_valid_ones():
-    with pytest.raises(ConfigError, match="valid presets: draft, quality, standard"):
+    with pytest.raises(ConfigError, match="valid presets: draft, quality, smoke, standard"):
         C.resolve_config("ultra")
 
 
@@ -106,6 +112,12 @@ def test_config_file_errors(tmp_path):
     unknown.write_text("[render]\nx = 1\n")
     with pytest.raises(ConfigError, match="unknown section"):
         C.load_toml_file(unknown)
+    binary = tmp_path / "weights.bin"
+    binary.write_bytes(bytes(range(256)))
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        C.load_toml_file(binary)
+    with pytest.raises(ConfigError, match="is a folder"):
+        C.load_toml_file(tmp_path)
 
 
 def test_with_shortcuts():
@@ -115,14 +127,52 @@ def test_with_shortcuts():
         C.with_shortcuts(C.Config(), lods=-1)
 
 
-@given(st.integers(min_value=1, max_value=10**6))
+@given(st.integers(min_value=1, max_value=100_000))
 def test_int_values_parse(n):
     assert C.resolve_config(None, {"stage1.steps": str(n)}).stage1.steps == n
 
 
-@given(st.floats(min_value=-1e6, max_value=1e6, allow_nan=False))
+@given(st.floats(min_value=0, max_value=1000, allow_nan=False))
 def test_float_values_parse(x):
     assert C.resolve_config(None, {"stage1.guidance_scale": repr(x)}).stage1.guidance_scale == x
+
+
+@given(st.one_of(st.floats(allow_nan=True), st.integers()), st.sampled_from(sorted(C.LIMITS)))
+def test_every_bound_holds_whatever_the_value(x, key):
+    """Any number from any source either lands inside LIMITS or is a one-line ConfigError."""
+    try:
+        cfg = C.resolve_config(None, {key: x})
+    except ConfigError as e:
+        assert "\n" not in str(e) and key in str(e)
+        return
+    value = cfg.seed if key == "seed" else getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1])
+    lo, hi, _ = C.LIMITS[key]
+    assert lo <= value <= hi
+
+
+@pytest.mark.parametrize("source", ["set", "config", "preset"])
+def test_same_error_text_from_every_source(tmp_path, monkeypatch, source):
+    """nan from --set, from a --config file and from a preset: one message, exit 2."""
+    want = "stage1.guidance_scale: expected a finite number, got nan"
+    path = tmp_path / "c.toml"
+    path.write_text("[stage1]\nguidance_scale = nan\n")
+    with pytest.raises(ConfigError) as e:
+        if source == "set":
+            C.apply_overrides(C.Config(), C.parse_set_args(["stage1.guidance_scale=nan"]))
+        elif source == "config":
+            C.apply_overrides(C.Config(), C.load_toml_file(path), source=str(path))
+        else:
+            monkeypatch.setattr(C, "_presets_dir", lambda: tmp_path)
+            C.resolve_config("c")
+    assert str(e.value).endswith(want) and e.value.exit_code == 2
+
+
+def test_config_in_code_is_validated_too():
+    from dataclasses import replace
+
+    bad = replace(C.Config(), export=replace(C.Config().export, height=float("inf")))
+    with pytest.raises(ConfigError, match="export.height: expected a finite number"):
+        C.validate(bad)
 
 
 @given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40))
@@ -130,3 +180,13 @@ def test_string_values_survive_toml(text):
     cfg = C.resolve_config(None, {"stage1.negative_prompt": text})
     again = C.apply_overrides(C.Config(), {"stage1.negative_prompt": tomllib.loads(C.dump_toml(cfg))["stage1"]["negative_prompt"]})
     assert again.stage1.negative_prompt == text
+
+
+def test_every_number_has_bounds():
+    """A new int/float setting must get a LIMITS entry, or a typo in it could ask for any memory."""
+    missing = [key for key, value in C._flat_items(C.Config())
+               if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in C.LIMITS]
+    assert not missing, f"add these to tdgen.config.LIMITS: {missing}"
+    assert set(C.LIMITS) <= {key for key, _ in C._flat_items(C.Config())}  # no stale entries
+    for key, value in C._flat_items(C.resolve_config("quality")):
+        C.check_range(key, value)  # every shipped preset is inside them

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 
 import numpy as np
@@ -12,7 +13,7 @@ import trimesh
 
 import tdgen.export as export_mod
 from tdgen.config import ExportConfig, TextureConfig
-from tdgen.errors import GenerationError
+from tdgen.errors import GenerationError, WriteError
 from tdgen.export import decimate_keep_uvs, export_glb, lod_path
 from tdgen.io import TEMP_PREFIX
 from tdgen.mesh import vertex_normals
@@ -159,11 +160,12 @@ def test_large_meshes_use_uint32_indices(tmp_path):
 
 def test_failing_write_leaves_nothing(tmp_path, uv_mesh, texture, monkeypatch):
     def broken_fsync(fd):
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", broken_fsync)
     out = tmp_path / "asset.glb"
-    with pytest.raises(OSError, match="disk full"):
+    # one line naming the file and the fix, not the OSError's traceback
+    with pytest.raises(WriteError, match=r"cannot write .*asset\.glb \(No space left on device\); free some disk space"):
         export_glb(uv_mesh, texture, ExportConfig(), out)
     assert list(tmp_path.iterdir()) == []
 

@@ -77,7 +77,7 @@ def offline_hub(monkeypatch, tmp_path):
 
 
 def test_folder_hashes_are_cached_per_file_state(tiny_model_dir, monkeypatch):
-    import tdgen.guidance as G
+    import tdgen.model as G
 
     first = G.folder_fingerprint(tiny_model_dir)  # the model fixture may have filled the cache
     calls = []
