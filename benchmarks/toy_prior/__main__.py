@@ -20,6 +20,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import numpy as np
 import torch
 
 from benchmarks.toy_prior.model import SIZES
@@ -40,6 +41,11 @@ def cmd_data(a) -> None:
     t0 = time.perf_counter()
     d = make_data(_objects(a.objects), a.per_object, SIZES[a.size].image, a.seed, a.device)
     d.save(a.out)
+    if a.preview:
+        from PIL import Image
+
+        rows = [np.concatenate(list(d.images[d.obj == i][:12]), 1) for i in range(len(d.objects))]
+        Image.fromarray(np.concatenate(rows, 0)).save(a.preview)
     print(json.dumps({"out": str(a.out), "images": len(d.obj), "size": SIZES[a.size].image,
                       "seconds": round(time.perf_counter() - t0, 1)}))
 
@@ -102,6 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--size", choices=list(SIZES), default="cpu")
     p.add_argument("--per-object", type=int, default=2000)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--preview", type=Path, default=None, help="PNG of 12 renders per object")
     p.set_defaults(fn=cmd_data)
 
     p = sub.add_parser("train", parents=[common], help="train the prior, write the model folder")

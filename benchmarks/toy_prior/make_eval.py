@@ -107,15 +107,14 @@ def run_eval(model: Path, objects: list[str], workdir: Path, device: str, extra:
             row = {"object": obj, "error": f"{type(e).__name__}: {e}"}
         print(json.dumps(row), flush=True)
         rows.append(row)
-    _contact_sheet(workdir, objects)
+    contact_sheet(workdir)
     return rows
 
 
-def _contact_sheet(workdir: Path, objects: list[str]) -> None:
-    """Stack every object's reference-over-result strip into workdir/contact.png."""
+def contact_sheet(workdir: Path) -> None:
+    """Stack every object's reference-over-result strip in `workdir` into contact.png."""
     from PIL import Image
 
-    strips = [np.asarray(Image.open(p)) for o in objects
-              if (p := workdir / f"{o}.compare.png").exists()]
+    strips = [np.asarray(Image.open(p)) for p in sorted(workdir.glob("*.compare.png"))]
     if strips:
         Image.fromarray(np.concatenate(strips, 0)).save(workdir / "contact.png")
