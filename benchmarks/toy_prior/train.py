@@ -59,7 +59,7 @@ def train_vae(vae, images: torch.Tensor, steps: int, batch: int, lr: float,
               gen: torch.Generator, max_seconds: float) -> dict:
     """images [N, 3, H, W] uint8 on the training device. Returns facts for the record."""
     device = images.device
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0, fused=device.type == "cuda")
     vae.train()
     t0 = time.perf_counter()
     hist = []
@@ -171,7 +171,11 @@ def train_unet(unet, mean, std, scale: float, caption_ids: torch.Tensor, emb: to
                              if k not in ("skip_prk_steps", "set_alpha_to_one", "steps_offset")})
     sched.alphas_cumprod = sched.alphas_cumprod.to(device)
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
+    # Fused Adam and a foreach EMA: the small UNet is launch-bound, and a per-tensor Python loop
+    # over ~300 tensors cost more than the convolutions on the H200.
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01,
+                            fused=device.type == "cuda")
+    ema_p, net_p = list(ema.parameters()), list(unet.parameters())
     unet.train()
     t0 = time.perf_counter()
     hist, gaps = [], []
@@ -198,8 +202,7 @@ def train_unet(unet, mean, std, scale: float, caption_ids: torch.Tensor, emb: to
         # for SD's 0.9999 to forget the random initialisation.
         d = min(ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for pe, p in zip(ema.parameters(), unet.parameters()):
-                pe.lerp_(p, 1 - d)
+            torch._foreach_lerp_(ema_p, net_p, 1 - d)
         done = step + 1
         if step % 100 == 0:
             hist.append({"step": step, "loss": float(loss)})
