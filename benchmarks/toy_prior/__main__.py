@@ -58,7 +58,8 @@ def cmd_train(a) -> None:
     data = ToyData.load(a.data)
     rec = train_prior(data, SIZES[a.size], a.out, a.device, seed=a.seed, vae_steps=a.vae_steps,
                       unet_steps=a.unet_steps, batch=a.batch, vae_batch=a.vae_batch, lr=a.lr,
-                      max_seconds=a.max_seconds)
+                      max_seconds=a.max_seconds, unet_stop=a.unet_stop,
+                      vae_stop=a.vae_stop)
     if a.sheet:
         model = load_prior(a.out, a.device)
         sample_sheet(model, list(data.objects), SIZES[a.size].image, a.sheet, guidance=a.cfg)
@@ -122,6 +123,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--max-seconds", type=float, default=480.0,
                    help="stop early (recorded) if training would run longer")
+    p.add_argument("--vae-stop", type=int, default=None,
+                   help="stop the VAE after this many steps of its --vae-steps schedule")
+    p.add_argument("--unet-stop", type=int, default=None,
+                   help="stop the UNet after this many steps of its --unet-steps schedule")
     p.add_argument("--sheet", type=Path, default=None, help="write the DDIM+CFG sample sheet")
     p.add_argument("--cfg", type=float, default=7.5, help="CFG scale of the sample sheet")
     p.add_argument("--record", type=Path, default=None, help="write the training record JSON")

@@ -101,14 +101,20 @@ def silhouette_iou(gaussians, ref, cams) -> float:
     return float((a & r).sum() / (a | r).sum().clamp_min(1))
 
 
-class _Flipped:
-    """SDS with its gradient negated: the loop then climbs the objective it should descend."""
+class _Probe:
+    """Passes through to SDS (negated when `flip`: the loop then climbs the objective it should
+    descend) and records how far renders leave [0, 1] (gsplat clamps colours only at 0)."""
 
-    def __init__(self, sds):
-        self.sds = sds
+    def __init__(self, sds, flip: bool = False):
+        self.sds, self.sign = sds, -1.0 if flip else 1.0
+        self.over: list[float] = []  # fraction of pixel values > 1 per step
+        self.max: float = 0.0
 
     def loss(self, images, cams, backgrounds, progress):
-        return -self.sds.loss(images, cams, backgrounds, progress)
+        with torch.no_grad():
+            self.over.append(float((images > 1.0).float().mean()))
+            self.max = max(self.max, float(images.max()))
+        return self.sign * self.sds.loss(images, cams, backgrounds, progress)
 
 
 def stage1_config(**overrides) -> Stage1Config:
@@ -134,14 +140,15 @@ def stage1_recovery(model, obj: str, cfg: Stage1Config, seed: int = 0, mode: Mod
         emb.views = {**emb.views, "front": emb.views["back"], "back": emb.views["front"]}
     gen = make_generator(seed, device)
     sds = SDSGuidance(model, emb, cfg, gen)
-    guidance = _Flipped(sds) if mode == "flipped" else sds
+    guidance = _Probe(sds, flip=mode == "flipped")
     res = optimize_gaussians(guidance, cfg, device, gen, backend=backend)
     ref = build_object(obj)
     cams = held_out_cameras(cfg.resolution, cfg, device)
     g = res.gaussians.detach()
     out = {"object": obj, "mode": mode, "steps": cfg.steps, "guidance": cfg.guidance_scale,
            "iou": silhouette_iou(g, ref, cams), "iou_turned": silhouette_iou(g, turned(ref), cams),
-           "gaussians": g.num, "seconds": round(res.seconds, 1), "nan_steps": sds.nan_count}
+           "gaussians": g.num, "seconds": round(res.seconds, 1), "nan_steps": sds.nan_count,
+           "render_over_1": float(np.mean(guidance.over)), "render_max": guidance.max}
     if images is not None:
         save_result_sheet(g, ref, cams, images)
     return out

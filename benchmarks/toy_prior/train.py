@@ -56,7 +56,7 @@ def _lr(step: int, steps: int, base: float, warmup: int = 100) -> float:
 
 
 def train_vae(vae, images: torch.Tensor, steps: int, batch: int, lr: float,
-              gen: torch.Generator, max_seconds: float) -> dict:
+              gen: torch.Generator, max_seconds: float, stop: int | None = None) -> dict:
     """images [N, 3, H, W] uint8 on the training device. Returns facts for the record."""
     device = images.device
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0, fused=device.type == "cuda")
@@ -82,8 +82,8 @@ def train_vae(vae, images: torch.Tensor, steps: int, batch: int, lr: float,
         if step % 200 == 0 or step == steps - 1:
             hist.append({"step": step, "rec": float(rec_loss.detach())})
             _log(f"vae {step}/{steps} rec {float(rec_loss.detach()):.4f}")
-        if time.perf_counter() - t0 > max_seconds:
-            _log(f"vae: time cap {max_seconds}s reached at step {done}")
+        if time.perf_counter() - t0 > max_seconds or (stop is not None and done >= stop):
+            _log(f"vae: stopped at step {done} of a {steps}-step schedule")
             break
     vae.eval()
     return {"steps": done, "seconds": round(time.perf_counter() - t0, 1), "history": hist}
@@ -159,7 +159,7 @@ def prompt_gap(unet, sched, z0: torch.Tensor, sets, ids: dict, emb: torch.Tensor
 
 def train_unet(unet, mean, std, scale: float, caption_ids: torch.Tensor, emb: torch.Tensor,
                steps: int, batch: int, lr: float, ema_decay: float, gen: torch.Generator,
-               gap_fn, gap_every: int, max_seconds: float):
+               gap_fn, gap_every: int, max_seconds: float, stop: int | None = None):
     """ε-prediction on z0 = scale·(μ + σ·n), t ~ U{0..999}, captions dropped to "" at DROPOUT.
 
     mean/std [N, 4, h, w], caption_ids [N] into emb [K, L, D] (row 0 = empty). Returns
@@ -205,8 +205,9 @@ def train_unet(unet, mean, std, scale: float, caption_ids: torch.Tensor, emb: to
             torch._foreach_lerp_(ema_p, net_p, 1 - d)
         done = step + 1
         if step % 100 == 0:
-            hist.append({"step": step, "loss": float(loss)})
-        last = step == steps - 1 or time.perf_counter() - t0 > max_seconds
+            hist.append({"step": step, "loss": float(loss.detach())})
+        last = (step == steps - 1 or time.perf_counter() - t0 > max_seconds
+                or (stop is not None and done >= stop))
         if step % gap_every == 0 or last:
             g = gap_fn(ema)
             gaps.append({"step": step, "bands": g})
@@ -215,7 +216,7 @@ def train_unet(unet, mean, std, scale: float, caption_ids: torch.Tensor, emb: to
                  + " wrong-view " + " ".join(f"{r['wrong_view'] - r['cond']:+.4f}" for r in g))
         if last:
             if step < steps - 1:
-                _log(f"unet: time cap {max_seconds}s reached at step {done}")
+                _log(f"unet: stopped at step {done} of a {steps}-step schedule")
             break
     return ema, {"steps": done, "seconds": round(time.perf_counter() - t0, 1), "history": hist,
                  "prompt_gap": gaps}
@@ -224,8 +225,12 @@ def train_unet(unet, mean, std, scale: float, caption_ids: torch.Tensor, emb: to
 def train_prior(data: ToyData, size: PriorSize, out: Path, device, seed: int = 0,
                 vae_steps: int = 2000, unet_steps: int = 4000, batch: int = 128,
                 vae_batch: int = 32, lr: float = 5e-4, ema_decay: float = 0.995,
-                max_seconds: float = 600.0) -> dict:
-    """Train every component, save the diffusers folder to `out`, return the record."""
+                max_seconds: float = 600.0, unet_stop: int | None = None,
+                vae_stop: int | None = None) -> dict:
+    """Train every component, save the diffusers folder to `out`, return the record.
+
+    `vae_stop` / `unet_stop` end training after that many steps of the `vae_steps` / `unet_steps`
+    schedules: what a `max_seconds` cap did in the run being reproduced (its record's steps)."""
     device = torch.device(device)
     t_start = time.perf_counter()
     torch.manual_seed(seed)
@@ -240,7 +245,7 @@ def train_prior(data: ToyData, size: PriorSize, out: Path, device, seed: int = 0
     # 1. autoencoder
     vae = c.vae.to(device)
     vae_rec = train_vae(vae, images, vae_steps, vae_batch, 1e-3,
-                        gen, max_seconds=0.35 * max_seconds)
+                        gen, max_seconds=0.35 * max_seconds, stop=vae_stop)
     mean, std = encode_dataset(vae, images)
     # SD's scaling factor is 1/std of the latents (0.18215 for KL-f8); measured the same way.
     scale = float(1.0 / mean.std())
@@ -273,7 +278,7 @@ def train_prior(data: ToyData, size: PriorSize, out: Path, device, seed: int = 0
     left = max(30.0, max_seconds - (time.perf_counter() - t_start))
     ema, unet_rec = train_unet(unet, mean, std, scale, caption_ids, emb, unet_steps, batch, lr,
                                ema_decay, gen, gap_fn, gap_every=max(50, unet_steps // 10),
-                               max_seconds=left)
+                               max_seconds=left, stop=unet_stop)
     c.unet = ema
     c.vae = vae
 
@@ -292,7 +297,9 @@ def train_prior(data: ToyData, size: PriorSize, out: Path, device, seed: int = 0
         m.to("cpu", torch.float16)
     save_model(c, out, {k: v for k, v in record.items() if k not in ("unet", "vae")}
                | {"vae_psnr_db": round(vae_psnr, 2), "unet_steps": unet_rec["steps"],
-                  "vae_steps": vae_rec["steps"]})
+                  "unet_schedule_steps": unet_steps, "vae_steps": vae_rec["steps"],
+                  "vae_schedule_steps": vae_steps, "unet_seconds": unet_rec["seconds"],
+                  "vae_seconds": vae_rec["seconds"]})
     for m in (c.vae, c.unet):
         m.float()
     _log(f"saved {out} in {record['seconds']} s")
