@@ -87,18 +87,21 @@ def test_prior_denoises_better_with_the_right_prompt(prior):
     assert losses["right"] < 0.9 * losses["other"], losses
 
 
+@pytest.mark.slow  # one CPU stage-1 run, ~25–35 s
 def test_stage1_recovers_the_named_object_the_right_way_round(runs):
     r = runs("normal")
     assert recovered(r), r
     assert r["nan_steps"] == 0
 
 
+@pytest.mark.slow  # one CPU stage-1 run, ~25–35 s
 def test_flipped_sds_sign_does_not_recover(runs):
     r = runs("flipped")
     assert not recovered(r), r
     assert r["iou"] < IOU_MIN - 0.2, r  # not a near miss: ascent drives the splats apart
 
 
+@pytest.mark.slow  # one CPU stage-1 run, ~25–35 s
 def test_swapped_view_prompts_come_out_back_to_front(runs):
     r = runs("swapped")
     assert not recovered(r), r
