@@ -47,7 +47,10 @@ def make_one(model: Path, obj: str, out: Path, device: str, sets: dict, preset: 
     for k, v in sets.items():
         cmd += ["--set", f"{k}={v}"]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    # `python -m` puts the working directory first on sys.path: run from this checkout so the
+    # tdgen measured is the one beside this benchmark, not whatever the caller's cwd holds.
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
     if proc.returncode != 0:
         raise RuntimeError(f"tdgen make failed ({proc.returncode}): {proc.stderr[-2000:]}")
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip().startswith("{")]
