@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.toy_prior.data import VIEWS, ToyData, caption
+from benchmarks.toy_prior.data import VIEWS, ToyData
 from benchmarks.toy_prior.model import WORDS, Components, PriorSize, build_components, save_model
 from benchmarks.toy_prior.objects import PROMPTS
 from tdgen.guidance import VIEW_SUFFIXES
