@@ -255,7 +255,9 @@ class SDSGuidance:
         res = self.cfg.encode_resolution
         if res and tuple(images.shape[-2:]) != (res, res):
             images = F.interpolate(images, (res, res), mode="bilinear", align_corners=False)
-        x = (images * 2 - 1).to(self.model.dtype)
+        # Clamp first (DreamGaussian does): gsplat clamps colours only at 0, and a VAE trained on
+        # [-1, 1] images is asked nothing sensible by the > 1 values additive splats reach.
+        x = (images.clamp(0.0, 1.0) * 2 - 1).to(self.model.dtype)
         tiny = self.model.tiny_vae
         if tiny is not None:
             # TAESD predicts SD's already-scaled latents; its scaling_factor is 1.0 by default.
@@ -291,11 +293,15 @@ class SDSGuidance:
             # w(t) = 1 − ᾱ_t (DreamFusion's choice, as in DreamGaussian).
             w = 1.0 - model.alphas_cumprod[t]
             grad = w.view(-1, 1, 1, 1) * (eps_hat - noise)
-            # A NaN from an fp16 overflow must not poison every Gaussian; count it without a sync.
-            self._nonfinite += (~torch.isfinite(grad)).any().long()
+            # A NaN from an fp16 overflow (or non-finite latents from the renderer or encoder) must
+            # not poison every Gaussian: count it without a sync, zero the gradient, and make the
+            # loss value NaN so stage 1's guard skips the step instead of stepping Adam on zeros.
+            bad = (~torch.isfinite(grad)).any() | (~torch.isfinite(latents.detach())).any()
+            self._nonfinite += bad.long()
             grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
         self.last_t, self.last_w = t, w
-        return _SDSSurrogate.apply(latents, grad)
+        loss = _SDSSurrogate.apply(latents, grad)
+        return torch.where(bad, torch.full_like(loss, float("nan")), loss)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -119,9 +119,14 @@ def optimize_gaussians(guidance, cfg: Stage1Config, device, generator: torch.Gen
             loss.backward()
 
             # 4. the one host sync per step: skip non-finite steps (DefaultStrategy's torch.where
-            # syncs every step anyway, so this costs no extra GPU idle time).
-            value = float(loss.detach())
-            if not math.isfinite(value):
+            # syncs every step anyway, so this costs no extra GPU idle time). The gradients are
+            # checked too: a NaN born in the backward (renderer, VAE encoder) leaves the loss
+            # value finite but would reach Adam.
+            checks = [torch.isfinite(p.grad).all() for p in params.values() if p.grad is not None]
+            finite = torch.stack(checks).all() if checks else torch.ones((), device=device)
+            value, grads_ok = torch.stack([loss.detach().float(), finite.float()]).tolist()
+            if not math.isfinite(value) or not grads_ok:
+                value = float("nan")
                 bad += 1
                 losses.append(float("nan"))
                 for opt in optimizers.values():

@@ -228,7 +228,11 @@ def test_nan_guard_zeroes_and_counts(model, emb):
     latents = torch.randn(1, 4, 8, 8)
     latents[0, 0, 0, 0] = float("nan")
     latents.requires_grad_(True)
-    sds.latent_loss(latents, torch.tensor([0.0]), 0.5).backward()
+    loss = sds.latent_loss(latents, torch.tensor([0.0]), 0.5)
+    # The value is NaN so stage 1's guard skips the step (a zeroed gradient read as a finite loss
+    # would have stepped Adam and counted as a good step).
+    assert torch.isnan(loss)
+    loss.backward()
     assert sds.nan_count == 1
     assert torch.isfinite(latents.grad).all() and (latents.grad == 0).all()
     ok = torch.randn(1, 4, 8, 8, requires_grad=True)

@@ -107,3 +107,43 @@ def test_occasional_nan_step_is_skipped():
     assert res.losses[2] != res.losses[2]  # NaN recorded for the skipped step
     for t in (res.gaussians.means, res.gaussians.scales, res.gaussians.opacities, res.gaussians.sh0):
         assert torch.isfinite(t).all()
+
+
+class _NaNBackward(torch.autograd.Function):
+    """Identity forward, NaN gradient: what an fp16 overflow in a VAE encoder's backward does."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.full_like(g, float("nan"))
+
+
+class BackwardNaNGuidance:
+    """A finite loss whose gradient is NaN on `bad_steps` (1-based)."""
+
+    def __init__(self, bad_steps):
+        self.bad_steps, self.step = bad_steps, 0
+
+    def loss(self, images, cams, backgrounds, progress):
+        self.step += 1
+        if self.step in self.bad_steps:
+            images = _NaNBackward.apply(images)
+        return ((images - RED[None, :, None, None]) ** 2).mean()
+
+
+def test_nan_born_in_backward_is_skipped_not_stepped():
+    res = optimize_gaussians(BackwardNaNGuidance({2, 4}), small_cfg(steps=6), "cpu",
+                             torch.Generator().manual_seed(0))
+    # Both steps' loss values were finite; the guard must still see them as skipped.
+    assert [v != v for v in res.losses] == [False, True, False, True, False, False]
+    for t in (res.gaussians.means, res.gaussians.scales, res.gaussians.opacities, res.gaussians.sh0):
+        assert torch.isfinite(t).all()
+
+
+def test_nan_in_every_backward_raises():
+    with pytest.raises(GenerationError):
+        optimize_gaussians(BackwardNaNGuidance(set(range(1, 21))), small_cfg(steps=20), "cpu",
+                           torch.Generator().manual_seed(0))

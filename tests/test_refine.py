@@ -94,14 +94,63 @@ def test_moves_toward_targets_with_view_prompts_and_rising_strength(mesh, monkey
         uncond=torch.zeros(1, 4, 8),
         views={k: torch.full((1, 4, 8), v) for k, v in codes.items()},
     )
-    cfg = replace(CFG, refine_steps=12, refine_lr=0.2, refine_strength_start=0.3,
+    # 30 steps: Adam moves the logits (DreamGaussian), so mid grey reaches > 0.9 in ~11 steps of
+    # a texel that every view sees, and random views see each texel only part of the time.
+    cfg = replace(CFG, refine_steps=30, refine_lr=0.2, refine_strength_start=0.3,
                   refine_strength_end=0.9)
     out = refine_texture(mesh, start_texture(), Model(), emb, cfg, "cpu", make_generator(1))
     inside = chart_mask(mesh, 64)
     green = out[inside]
-    assert green[:, 1].mean() > 0.9 and green[:, 0].mean() < 0.2 and green[:, 2].mean() < 0.2
-    assert [round(c[1], 6) for c in calls] == [round(strength_at(i, 12, cfg), 6) for i in range(12)]
+    assert green[:, 1].mean() > 0.85 and green[:, 0].mean() < 0.2 and green[:, 2].mean() < 0.2
+    assert [round(c[1], 6) for c in calls] == [round(strength_at(i, 30, cfg), 6) for i in range(30)]
     assert calls[0][1] == pytest.approx(0.3) and calls[-1][1] == pytest.approx(0.9)
     assert all(c[2] == cfg.refine_ddim_steps and c[3] == cfg.refine_guidance_scale for c in calls)
     assert all(c[4] == torch.float16 for c in calls)  # model inputs in the model's dtype
     assert len({c[0] for c in calls}) >= 2  # random azimuths pick different view prompts
+
+
+def test_ideal_targets_never_make_the_bake_worse(mesh, monkeypatch):
+    """Issue 9, item 1: with perfect, view-consistent img2img targets (the true texture rendered
+    from the refinement camera), refinement at the default lr must bring a noisy bake closer to
+    the truth. Adam at lr 0.2 directly on colours overshoots by ~0.2 a step and ends worse than
+    the bake; on logits (DreamGaussian) the same lr is ~0.05 in colour at mid grey."""
+    import tdgen.guidance as guidance
+    import tdgen.refine as refine
+    from tdgen.raster import render_mesh
+
+    g = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    checker = (((yy // 8) + (xx // 8)) % 2).float()[..., None]
+    truth = checker * torch.tensor([0.85, 0.25, 0.15]) + (1 - checker) * torch.tensor([0.2, 0.45, 0.8])
+    bake = (truth + 0.08 * torch.randn(64, 64, 3, generator=g)).clamp(0, 1)
+
+    last = {}
+    real_framing = refine.framing_cameras
+
+    def recording_framing(*args, **kw):
+        last["cam"] = real_framing(*args, **kw)
+        return last["cam"]
+
+    def ideal_img2img(model, images, cond, uncond, strength, ddim_steps, guidance_scale, generator):
+        rgb, _ = render_mesh(mesh, truth, last["cam"], torch.ones(1, 3))
+        return rgb.permute(0, 3, 1, 2)
+
+    monkeypatch.setattr(refine, "framing_cameras", recording_framing)
+    monkeypatch.setattr(guidance, "img2img_target", ideal_img2img)
+
+    class Model:
+        device = torch.device("cpu")
+        dtype = torch.float32
+
+    emb = guidance.PromptEmbeddings(uncond=torch.zeros(1, 4, 8),
+                                    views={k: torch.zeros(1, 4, 8) for k in ("front", "side", "back")})
+    cfg = replace(TextureConfig(), size=64, refine_resolution=64)  # default steps and lr
+    out = refine_texture(mesh, bake, Model(), emb, cfg, "cpu", make_generator(0))
+    inside = chart_mask(mesh, 64)
+
+    def rms(t):
+        return float((t - truth)[inside].pow(2).mean().sqrt())
+
+    # measured: bake 0.079; Adam on colours at lr 0.2 (before) 0.150; on logits 0.033
+    print(f"ideal-target refinement: bake rms {rms(bake):.4f} → {rms(out):.4f}")
+    assert rms(out) < 0.8 * rms(bake), (rms(bake), rms(out))

@@ -1,0 +1,157 @@
+"""A trained toy prior: text → 3D end to end against objects whose answer is known (issue 9).
+
+    python -m benchmarks.toy_prior data  --size cpu --out /tmp/toy.npz
+    python -m benchmarks.toy_prior train --data /tmp/toy.npz --size cpu --out benchmarks/toy_prior_model
+    python -m benchmarks.toy_prior stage1 --model benchmarks/toy_prior_model      # SDS recovery
+    python -m benchmarks.toy_prior eval  --model DIR --device cuda                # tdgen make, per object
+
+`train` also writes the DDIM+CFG sample sheet (`--sheet`) and the training record with the
+prompt gap per noise band (`--record`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import numpy as np
+import torch
+
+from benchmarks.toy_prior.model import SIZES
+from benchmarks.toy_prior.objects import OBJECTS
+
+
+def _objects(arg: str | None) -> list[str]:
+    names = [n.strip() for n in (arg or ",".join(OBJECTS)).split(",") if n.strip()]
+    bad = [n for n in names if n not in OBJECTS]
+    if bad:
+        raise SystemExit(f"unknown object(s) {bad}; use {','.join(OBJECTS)}")
+    return names
+
+
+def cmd_data(a) -> None:
+    from benchmarks.toy_prior.data import make_data
+
+    t0 = time.perf_counter()
+    d = make_data(_objects(a.objects), a.per_object, SIZES[a.size].image, a.seed, a.device)
+    d.save(a.out)
+    if a.preview:
+        from PIL import Image
+
+        rows = [np.concatenate(list(d.images[d.obj == i][:12]), 1) for i in range(len(d.objects))]
+        Image.fromarray(np.concatenate(rows, 0)).save(a.preview)
+    print(json.dumps({"out": str(a.out), "images": len(d.obj), "size": SIZES[a.size].image,
+                      "seconds": round(time.perf_counter() - t0, 1)}))
+
+
+def cmd_train(a) -> None:
+    from benchmarks.toy_prior.data import ToyData
+    from benchmarks.toy_prior.evaluate import load_prior, sample_sheet
+    from benchmarks.toy_prior.train import train_prior
+
+    data = ToyData.load(a.data)
+    rec = train_prior(data, SIZES[a.size], a.out, a.device, seed=a.seed, vae_steps=a.vae_steps,
+                      unet_steps=a.unet_steps, batch=a.batch, vae_batch=a.vae_batch, lr=a.lr,
+                      max_seconds=a.max_seconds, unet_stop=a.unet_stop,
+                      vae_stop=a.vae_stop)
+    if a.sheet:
+        model = load_prior(a.out, a.device)
+        sample_sheet(model, list(data.objects), SIZES[a.size].image, a.sheet, guidance=a.cfg)
+        rec["sheet"] = {"path": str(a.sheet), "guidance": a.cfg, "ddim_steps": 50}
+    if a.record:
+        a.record.write_text(json.dumps(rec, indent=1) + "\n")
+    print(json.dumps({k: rec[k] for k in ("seconds", "device_name", "unet_params_m")}))
+
+
+def cmd_stage1(a) -> None:
+    from benchmarks.toy_prior.evaluate import load_prior, stage1_config, stage1_recovery
+
+    model = load_prior(a.model, a.device)
+    over = json.loads(a.set) if a.set else {}
+    rows = []
+    for name in _objects(a.objects):
+        for mode in a.modes.split(","):
+            cfg = stage1_config(**over)
+            img = a.images / f"{name}_{mode}.png" if a.images else None
+            r = stage1_recovery(model, name, cfg, seed=a.seed, mode=mode, images=img)
+            print(json.dumps(r), flush=True)
+            rows.append(r)
+    if a.json_out:
+        a.json_out.write_text(json.dumps({"config": over, "rows": rows}, indent=1) + "\n")
+
+
+def cmd_eval(a) -> None:
+    from benchmarks.toy_prior.make_eval import run_eval
+
+    rows = run_eval(a.model, _objects(a.objects), a.workdir, a.device,
+                    json.loads(a.set) if a.set else {}, a.preset, a.seed)
+    if a.json_out:
+        a.json_out.write_text(json.dumps(rows, indent=1) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.toy_prior",
+                                 description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    common.add_argument("--objects", default=None, help=f"comma-separated of {','.join(OBJECTS)}")
+    common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--threads", type=int, default=2)
+
+    p = sub.add_parser("data", parents=[common], help="render the captioned training set")
+    p.add_argument("--size", choices=list(SIZES), default="cpu")
+    p.add_argument("--per-object", type=int, default=2000)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--preview", type=Path, default=None, help="PNG of 12 renders per object")
+    p.set_defaults(fn=cmd_data)
+
+    p = sub.add_parser("train", parents=[common], help="train the prior, write the model folder")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--size", choices=list(SIZES), default="cpu")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--vae-steps", type=int, default=2000)
+    p.add_argument("--unet-steps", type=int, default=4000)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--vae-batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--max-seconds", type=float, default=480.0,
+                   help="stop early (recorded) if training would run longer")
+    p.add_argument("--vae-stop", type=int, default=None,
+                   help="stop the VAE after this many steps of its --vae-steps schedule")
+    p.add_argument("--unet-stop", type=int, default=None,
+                   help="stop the UNet after this many steps of its --unet-steps schedule")
+    p.add_argument("--sheet", type=Path, default=None, help="write the DDIM+CFG sample sheet")
+    p.add_argument("--cfg", type=float, default=7.5, help="CFG scale of the sample sheet")
+    p.add_argument("--record", type=Path, default=None, help="write the training record JSON")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("stage1", parents=[common], help="SDS stage 1 from the prior, IoU")
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--modes", default="normal", help="normal,flipped,swapped")
+    p.add_argument("--set", default=None, help='Stage1Config overrides as JSON, e.g. {"steps": 200}')
+    p.add_argument("--images", type=Path, default=None, help="folder for result sheets")
+    p.add_argument("--json-out", type=Path, default=None)
+    p.set_defaults(fn=cmd_stage1)
+
+    p = sub.add_parser("eval", parents=[common], help="tdgen make per object, then metrics")
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--preset", default="standard")
+    p.add_argument("--set", default=None, help="extra --set overrides as JSON {key: value}")
+    p.add_argument("--workdir", type=Path, required=True)
+    p.add_argument("--json-out", type=Path, default=None)
+    p.set_defaults(fn=cmd_eval)
+
+    a = ap.parse_args(argv)
+    torch.set_num_threads(max(1, a.threads))
+    a.fn(a)
+
+
+if __name__ == "__main__":
+    main()
