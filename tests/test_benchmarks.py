@@ -114,6 +114,18 @@ def test_quality_smoke_case_a_stage2_alone(smoke_rows, name):
     assert "error" not in row, row.get("error")
     assert row["passed"], row["failed"]
     assert row["glb_height"] == pytest.approx(1.0, rel=1e-3)  # export.height, read back
+    assert row["pieces"] == 1 and row["closed"]  # one closed surface, flat surfels and all
+
+
+@pytest.mark.slow
+def test_quality_smoke_fails_on_the_old_density_surface(tmp_path):
+    """The same flat-surfel mug meshed by DreamGaussian's density iso-surface (the surface before
+    depth fusion) misses the case-A thresholds: the smoke would catch a return to it."""
+    torch.set_num_threads(2)
+    cfg = quality.quality_config(True, CPU, sets={"mesh.method": "density"})
+    rows = quality.run([BUILDERS["mug"]()], ["A"], cfg, quality.SMOKE_SIZES, CPU, tmp_path, smoke=True)
+    failed = {f.split()[0] for f in rows[0]["failed"]}
+    assert {"fscore", "normal_agreement"} <= failed, rows[0]["failed"]
 
 
 @pytest.mark.slow
