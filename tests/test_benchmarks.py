@@ -27,7 +27,7 @@ def test_reference_is_closed_outward_and_textured(name):
     ref = BUILDERS[name]()
     m = ref.mesh
     # CCW seen from outside ⇔ a positive divergence-theorem volume.
-    assert _signed_volume(m) > 0.03
+    assert _signed_volume(m) > 0.01  # the chair, lamp and bowl are thin: 0.023–0.027
     assert 0.4 < float(np.linalg.norm(m.vertices, axis=1).max()) < 0.65
     assert np.allclose((m.vertices.min(0) + m.vertices.max(0)) / 2, 0, atol=1e-5)
     assert m.uvs is not None and m.uvs.min() >= 0 and m.uvs.max() <= 1
