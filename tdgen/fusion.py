@@ -7,7 +7,7 @@ Averaging those truncated distances over the views (a TSDF, as 2DGS-style pipeli
 gives a field whose zero level is the splat's *visible* surface, whatever the Gaussians' shape:
 flat surfels, which a density iso-surface samples with aliasing holes, come out as solid as
 blobby SDS splats. Unlike a plain TSDF the field is defined everywhere, so the mesh is closed:
-a voxel that (nearly) every view sees only far behind a surface is inside (`OCCLUDED_WEIGHT`),
+a voxel that (nearly) every view sees only far behind a surface is inside (`OBSERVED_RATIO`),
 so a pinhole seen by a view or two does not carve a tunnel into a hollow shell (which would give
 it an inner wall).
 Faint haze (alpha below `alpha` in every view) is never a surface; far floaters are dropped before
@@ -32,7 +32,7 @@ uniformly across the object, wide enough that cameras stay well clear of it."""
 MARGIN = 1.05
 """The volume's bounding sphere times this fills each view."""
 
-OCCLUDED_WEIGHT = 0.1
+OBSERVED_RATIO = 0.1
 """A voxel counts as observed (its fused distance is used) when more than this fraction as many
 views see it free or near a surface as see it far behind one; otherwise it is inside. Near 0 a
 few views through a pinhole carve a tunnel into a hollow shell (an inner wall); near 1
@@ -243,7 +243,7 @@ def fuse_depth(
     # outward). Where too few views see a voxel as free or near a surface — behind every surface,
     # or seen only through a pinhole — it is inside, unless no view frames it at all (a lattice
     # corner beyond the splat's ball: outside).
-    observed = (n_near > OCCLUDED_WEIGHT * n_occluded) & (w_sum > 0)
+    observed = (n_near > OBSERVED_RATIO * n_occluded) & (w_sum > 0)
     default = torch.where(framed, -T, T)
     field = torch.where(observed, sdf_sum / w_sum.clamp_min(1e-12), default)
     return (-field / voxel).reshape(grid, grid, grid), origin, voxel
