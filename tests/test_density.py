@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import trimesh
 
 import tdgen.density as density_mod
 from tdgen.config import MeshConfig
