@@ -14,30 +14,7 @@ from tdgen.errors import GenerationError
 from tdgen.gaussians import Gaussians
 from tdgen.density import density_grid
 from tdgen.mesh import extract_mesh
-
-
-def fibonacci_sphere(n: int, radius: float, centre=(0.0, 0.0, 0.0)) -> np.ndarray:  # [n, 3]
-    i = np.arange(n) + 0.5
-    phi = np.arccos(1 - 2 * i / n)
-    theta = math.pi * (1 + 5**0.5) * i
-    p = np.stack([np.cos(theta) * np.sin(phi), np.cos(phi), np.sin(theta) * np.sin(phi)], 1)
-    return radius * p + np.asarray(centre)
-
-
-def isotropic(means: np.ndarray, sigma: float, opacity: float) -> Gaussians:
-    n = len(means)
-    return Gaussians(
-        means=torch.tensor(means, dtype=torch.float32),
-        scales=torch.full((n, 3), math.log(sigma)),
-        quats=torch.tensor([[1.0, 0.0, 0.0, 0.0]]).repeat(n, 1),
-        opacities=torch.full((n,), math.log(opacity / (1 - opacity))),
-        sh0=torch.zeros(n, 3),
-        shN=torch.zeros(n, 0, 3),
-    )
-
-
-def cat(a: Gaussians, b: Gaussians) -> Gaussians:
-    return Gaussians(*(torch.cat([x, y]) for x, y in zip(a._fields(), b._fields())))
+from tdgen.testing.splats import cat, fibonacci_sphere, isotropic
 
 
 def _brute_density(means, covs, alphas, origin, voxel, grid):  # every Gaussian at every voxel

@@ -13,6 +13,7 @@ from tdgen.config import MeshConfig
 from tdgen.fusion import fuse_depth, sphere_directions
 from tdgen.gaussians import Gaussians, normalize_splat
 from tdgen.mesh import extract_mesh
+from tdgen.testing.splats import cat
 
 # CPU-sized fusion: coarse, few views, yet ~2 pixels per voxel like the presets.
 FAST = dict(method="fusion", grid=48, views=32, view_resolution=112, triangles=4000)
@@ -43,10 +44,6 @@ def surfels(points: np.ndarray, normals: np.ndarray, spacing: float, opacity: fl
 def on_mesh(tm: trimesh.Trimesh, n: int, seed: int = 0) -> Gaussians:
     pts, fidx = trimesh.sample.sample_surface_even(tm, n, seed=seed)
     return surfels(pts, tm.face_normals[fidx], spacing=math.sqrt(tm.area / len(pts)))
-
-
-def cat(*gs: Gaussians) -> Gaussians:
-    return Gaussians(*(torch.cat(parts) for parts in zip(*(g._fields() for g in gs))))
 
 
 def welded(mesh) -> trimesh.Trimesh:
