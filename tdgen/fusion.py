@@ -98,16 +98,10 @@ def volume_box(g: Gaussians, grid: int, pad_voxels: int) -> tuple[Tensor, float,
 
 def fusion_cameras(centre: Tensor, radius: float, views: int, resolution: int):
     """`views` square cameras on a sphere around `centre` [3], each framing the ball of `radius`."""
-    from tdgen.render import orbit_cameras
+    from tdgen.raster import cameras_around
 
     el, az = sphere_directions(views)
-    dist = radius * MARGIN / math.sin(math.radians(FOVY) / 2.0)
-    cams = orbit_cameras(el, az, dist, FOVY, resolution, resolution, device=centre.device)
-    viewmats = cams.viewmats.clone()
-    viewmats[:, :3, 3] -= viewmats[:, :3, :3] @ centre.to(viewmats.dtype)  # orbit → centre
-    from dataclasses import replace
-
-    return replace(cams, viewmats=viewmats)
+    return cameras_around(centre, radius, el, az, resolution, FOVY, MARGIN, device=centre.device)
 
 
 def _view_cosines(depth: Tensor, K: Tensor) -> Tensor:  # [H, W], [3, 3] → [H, W]

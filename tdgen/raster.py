@@ -342,17 +342,32 @@ def framing_cameras(
     device: torch.device | str | None = None,
 ):
     """Square orbit cameras looking at the mesh's bounding-sphere centre, far enough that the
-    sphere (times `margin`) fits the view: render.orbit_cameras moved to that centre (poles,
-    el = ±90°, included)."""
+    sphere (times `margin`) fits the view (`cameras_around` that sphere)."""
+    centre, radius = bounding_sphere(vertices)
+    return cameras_around(centre, radius, elevation, azimuth, size, fovy, margin, device)
+
+
+def cameras_around(
+    centre,  # [3] world
+    radius: float,
+    elevation,  # [C] degrees
+    azimuth,  # [C] degrees
+    size: int,
+    fovy: float,
+    margin: float = 1.1,
+    device: torch.device | str | None = None,
+):
+    """render.orbit_cameras moved to `centre`, at the distance where the ball of `radius` (times
+    `margin`) fills the square view (poles, el = ±90°, included)."""
     from tdgen.render import orbit_cameras
 
-    centre, radius = bounding_sphere(vertices)
     dist = radius * margin / math.sin(math.radians(fovy) / 2.0)
     el = torch.as_tensor(np.atleast_1d(np.asarray(elevation, dtype=np.float32)), device=device)
     az = torch.as_tensor(np.atleast_1d(np.asarray(azimuth, dtype=np.float32)), device=device)
     cams = orbit_cameras(el, az, dist, fovy, size, size, device=device)
-    # The orbit circles the origin; shift it to the mesh's centre (t' = t − R·c).
-    c = torch.as_tensor(centre, dtype=cams.viewmats.dtype, device=cams.viewmats.device)
+    # The orbit circles the origin; shift it to the centre (t' = t − R·c).
+    c = torch.as_tensor(np.asarray(torch.as_tensor(centre).detach().cpu(), dtype=np.float32),
+                        device=cams.viewmats.device)
     viewmats = cams.viewmats.clone()
     viewmats[:, :3, 3] -= viewmats[:, :3, :3] @ c
     return replace(cams, viewmats=viewmats)
