@@ -1,11 +1,11 @@
 """Stage 2a: splat → volume → marching cubes → cleaned, decimated, closed triangle mesh.
 
 Two volumes, chosen by `MeshConfig.method` (`auto`: by the splat's flatness, see `FLAT_RATIO`):
-- `fusion` (default, `fusion.py`): the splat's visible surface from depth rendered all around it,
-  fused into a signed distance. Right for flat surfels (trained and captured 3DGS) and blobby
-  SDS splats alike; closed by construction.
-- `density` (`density.py`): DreamGaussian's Gaussian-density iso-surface, kept for comparison and
-  for splats made to be read that way.
+- `fusion` (`fusion.py`): the splat's visible surface from depth rendered all around it, fused
+  into a signed distance; closed by construction. Right for flat surfels (trained and captured
+  3DGS), which the density iso-surface shreds.
+- `density` (`density.py`): DreamGaussian's Gaussian-density iso-surface; still the better one on
+  blobby splats (SDS, short photometric fits), so `auto` keeps it for them.
 """
 
 from __future__ import annotations
@@ -161,13 +161,14 @@ def extract_mesh(
                 f"the splat has no Gaussian above mesh.min_opacity={cfg.min_opacity} "
                 f"({g.num} in total); lower mesh.min_opacity or check the stage-1 result"
             )
-        method = cfg.method if cfg.method != "auto" else _auto_method(g.subset(keep))
+        kept = g.subset(keep)
+        method = cfg.method if cfg.method != "auto" else _auto_method(kept)
         on_progress(Progress("grid", 0, 1, message=f"surface by {method}"))
         if method == "fusion":
             from tdgen.fusion import fuse_depth
 
             field, origin, voxel = fuse_depth(
-                g.subset(keep), cfg.grid, cfg.views, cfg.view_resolution, cfg.truncation,
+                kept, cfg.grid, cfg.views, cfg.view_resolution, cfg.truncation,
                 cfg.alpha, on_progress=on_progress,
             )
             field = field.cpu().numpy()
