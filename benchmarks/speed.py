@@ -10,6 +10,7 @@ transfer; the assets themselves are noise.
     python benchmarks/speed.py --device cuda --quick                 # fewer steps, same sizes
     python benchmarks/speed.py --device cuda --sds-only              # ms per SDS step variants
     python benchmarks/speed.py --device cpu --tiny [--sds-only]      # tiny model, seconds (tests)
+    python benchmarks/speed.py --device cuda --mesh-only --presets standard  # stage 2's mesh part
 """
 
 from __future__ import annotations
@@ -194,6 +195,53 @@ def pipeline_table(results: list[dict[str, Any]]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Stage-2 mesh part alone (issue target: ≤ 1 s on the GPU at standard)
+
+MESH_OBJECTS = ("chair", "mug", "rock")
+"""Known-answer references whose 60k-surfel splats (quality.py's case A) are meshed."""
+
+MESH_TABLE = [("preset", "preset", ""), ("object", "object", ""), ("method", "surface", ""),
+              ("grid_s", "grid", ".3f"), ("marching_cubes_s", "mc", ".3f"), ("clean_s", "clean", ".3f"),
+              ("decimate_s", "decimate", ".3f"), ("mesh_s", "mesh", ".3f"), ("triangles", "tris", "d")]
+
+
+def bench_mesh(presets: list[str], device: torch.device, runs: int, sets: list[str]) -> list[dict[str, Any]]:
+    """`extract_mesh` on 60k flat surfels per reference and preset: the median of `runs` warm
+    runs (the first call per preset is a warm-up), split into its parts as the pipeline does."""
+    from benchmarks.quality import gaussians_on_surface
+    from benchmarks.references import build_reference
+    from tdgen.config import parse_set_args
+    from tdgen.gaussians import normalize_splat
+    from tdgen.mesh import extract_mesh
+    from tdgen.pipeline import _MeshClock
+
+    splats = {name: normalize_splat(gaussians_on_surface(build_reference(name), 60_000, seed=0))
+              for name in MESH_OBJECTS}
+    rows = []
+    for preset in presets:
+        cfg = resolve_config(preset, parse_set_args(sets)).mesh
+        warm = False
+        for name, g in splats.items():
+            runs_t: list[dict[str, float]] = []
+            for _ in range(runs + (0 if warm else 1)):
+                timings: dict[str, float] = {}
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                mesh = extract_mesh(g, cfg, device, on_progress=_MeshClock(lambda p: None, timings))
+                timings["mesh"] = time.perf_counter() - t0
+                runs_t.append(timings)
+            runs_t = runs_t[-runs:]
+            warm = True
+            med = {k: statistics.median(t.get(k, 0.0) for t in runs_t) for k in runs_t[0]}
+            rows.append({"preset": preset, "object": name, "method": cfg.method,
+                         **{f"{k.removeprefix('mesh.')}_s": round(v, 4) for k, v in med.items()},
+                         "triangles": mesh.num_faces, "runs": runs})
+            log(f"[speed] mesh {preset} {name}: {med['mesh']:.3f} s")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
 # SDS micro-benchmark
 
 
@@ -286,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra setting for every preset (repeatable)")
     ap.add_argument("--sds-only", action="store_true", help="only the per-step SDS micro-benchmark")
+    ap.add_argument("--mesh-only", action="store_true",
+                    help=f"only stage 2's mesh part on 60k-surfel splats of {', '.join(MESH_OBJECTS)}")
     ap.add_argument("--sds-steps", type=int, default=None, help="timed SDS steps per row (default 30, tiny 3)")
     ap.add_argument("--sds-resolution", type=int, default=None, help="SDS render size (default 512, tiny 64)")
     ap.add_argument("--json-out", type=Path, default=None, help="write the report here as JSON")
@@ -303,6 +353,23 @@ def main(argv: list[str] | None = None) -> int:
                               "model": "tiny random (diffusers layout)" if args.tiny
                               else "random-weight SD 2.1-base (full size)"}
     t_all = time.perf_counter()
+    if args.mesh_only:
+        presets = [p.strip() for p in args.presets.split(",") if p.strip()]
+        report["model"] = None
+        report["mesh"] = bench_mesh(presets, device, args.runs, args.set)
+        print(format_table(report["mesh"], MESH_TABLE), file=sys.stderr)
+    else:
+        _bench_model(args, device, report)
+    report["seconds"] = time.perf_counter() - t_all
+    if args.json_out:
+        write_json(args.json_out, report)
+        log(f"[speed] wrote {args.json_out}")
+    if args.json:
+        print(to_json(report))
+    return 0
+
+
+def _bench_model(args, device: torch.device, report: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory(prefix="tdgen-speed-") as tmp:
         workdir = Path(tmp)
         log("[speed] building the model …")
@@ -329,13 +396,6 @@ def main(argv: list[str] | None = None) -> int:
             print(pipeline_table(results), file=sys.stderr)
             print(f"cold start: model build {build_s:.2f} s + first-run overhead "
                   f"{first['cold_overhead_s'] or 0.0:.2f} s", file=sys.stderr)
-    report["seconds"] = time.perf_counter() - t_all
-    if args.json_out:
-        write_json(args.json_out, report)
-        log(f"[speed] wrote {args.json_out}")
-    if args.json:
-        print(to_json(report))
-    return 0
 
 
 if __name__ == "__main__":

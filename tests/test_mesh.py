@@ -34,7 +34,9 @@ def test_sphere_is_watertight_round_and_outward(sphere_mesh):
     _, uses = np.unique(tm.edges_sorted, axis=0, return_counts=True)
     assert (uses % 2 == 0).all()
     radius = np.linalg.norm(m.vertices, axis=1)
-    assert abs(np.median(radius) - 0.5) < 0.02 * 0.5
+    # On the visible surface: where a radial ray's alpha reaches mesh.alpha (0.5), about 1.1-1.5
+    # sigma outside the centres for these 0.95-opacity blobs; not at the centres, not 3 sigma out.
+    assert 0.5 + 0.5 * 0.01 < np.median(radius) < 0.5 + 2.0 * 0.01
     assert np.percentile(radius, 99) - np.percentile(radius, 1) < 0.04
     # One closed outer surface: the inner wall of the hollow shell was filled away.
     assert len(trimesh.graph.connected_components(tm.face_adjacency)) == 1
@@ -77,7 +79,8 @@ def test_far_floaters_do_not_shrink_the_object():
     mesh = extract_mesh(cat(cat(shell, floaters), huge), MeshConfig(**FAST, grid=64, triangles=100_000), "cpu")
     r = np.linalg.norm(mesh.vertices, axis=1)
     assert r.max() < 0.6
-    assert abs(r.mean() - 0.51) < 0.02  # the shell's visible surface, at full resolution
+    # the shell's visible surface (0.5 to 2 sigma outside the centres), at full resolution
+    assert 0.5 + 0.5 * 0.02 < r.mean() < 0.5 + 2.0 * 0.02
     assert mesh.num_faces > 2000
 
 
