@@ -53,7 +53,8 @@ QUICK = {"stage1.steps": 60, "texture.refine_steps": 8}
 
 TINY = {
     "stage1.steps": 6, "stage1.resolution": 64, "stage1.encode_resolution": 64,
-    "stage1.num_points": 400, "stage1.max_points": 2000, "mesh.grid": 48, "mesh.triangles": 800,
+    "stage1.num_points": 400, "stage1.max_points": 2000, "mesh.grid": 48, "mesh.views": 12,
+    "mesh.view_resolution": 96, "mesh.triangles": 800,
     "texture.size": 64, "texture.bake_views": 6, "texture.bake_resolution": 64,
     "texture.refine_steps": 2, "texture.refine_resolution": 64, "texture.refine_ddim_steps": 10,
 }

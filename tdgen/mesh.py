@@ -1,11 +1,11 @@
 """Stage 2a: splat → volume → marching cubes → cleaned, decimated, closed triangle mesh.
 
-Two volumes, chosen by `MeshConfig.method` (`auto`: by the splat's flatness, see `FLAT_RATIO`):
-- `fusion` (`fusion.py`): the splat's visible surface from depth rendered all around it, fused
-  into a signed distance; closed by construction. Right for flat surfels (trained and captured
-  3DGS), which the density iso-surface shreds.
-- `density` (`density.py`): DreamGaussian's Gaussian-density iso-surface; still the better one on
-  blobby splats (SDS, short photometric fits), so `auto` keeps it for them.
+Two volumes, chosen by `MeshConfig.method`:
+- `fusion` (`fusion.py`, the default): the splat's visible surface from depth rendered all around
+  it, fused into a signed distance; closed by construction. Right for flat surfels (trained and
+  captured 3DGS), which the density iso-surface shreds, and, with a lower alpha level and a blur
+  as wide as the blobs, for blobby splats (SDS, short photometric fits).
+- `density` (`density.py`): DreamGaussian's Gaussian-density iso-surface, kept for comparison.
 """
 
 from __future__ import annotations
@@ -124,19 +124,17 @@ def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:  # [V
 
 
 FLAT_RATIO = 0.3
-"""`method = "auto"`: depth fusion when the median opaque Gaussian's shortest axis is below this
-fraction of its longest (flat surfels: trained and captured 3DGS), else the density surface
-(blobby splats: SDS and short photometric fits). Measured on the known-answer cases, H200,
-standard: flat surfels (ratio 0.1) F@1 % 0.89–1.00 by fusion against 0.0–0.6 by density; blobby
-photometric fits (ratio ≈ 0.6) 0.29–0.89 by fusion against 0.51–0.98 by density."""
+"""A splat is flat when its median opaque Gaussian's shortest axis is below this fraction of its
+longest (trained and captured 3DGS surfels: ≈ 0.1), else blobby (SDS and short photometric fits:
+≈ 0.6); fusion reads their depth at `mesh.alpha` and `mesh.blob_alpha` respectively."""
 
 
-def _auto_method(g: Gaussians) -> str:
+def _is_flat(g: Gaussians) -> bool:
     s = torch.exp(g.scales.float())
     ratio = s.amin(-1) / s.amax(-1).clamp_min(1e-20)  # [N]
     opaque = g.alpha() >= 0.5
     ratio = ratio[opaque] if int(opaque.sum()) >= 20 else ratio
-    return "fusion" if float(ratio.median()) < FLAT_RATIO else "density"
+    return float(ratio.median()) < FLAT_RATIO
 
 
 def extract_mesh(
@@ -162,22 +160,23 @@ def extract_mesh(
                 f"({g.num} in total); lower mesh.min_opacity or check the stage-1 result"
             )
         kept = g.subset(keep)
-        method = cfg.method if cfg.method != "auto" else _auto_method(kept)
+        method = "fusion" if cfg.method == "auto" else cfg.method
         on_progress(Progress("grid", 0, 1, message=f"surface by {method}"))
         if method == "fusion":
             from tdgen.fusion import fuse_depth
 
+            key, alpha = ("alpha", cfg.alpha) if _is_flat(kept) else ("blob_alpha", cfg.blob_alpha)
             field, origin, voxel = fuse_depth(
                 kept, cfg.grid, cfg.views, cfg.view_resolution, cfg.truncation,
-                cfg.alpha, on_progress=on_progress,
+                alpha, on_progress=on_progress,
             )
             field = field.cpu().numpy()
             origin = origin.cpu().numpy().astype(np.float64)
             level = 0.0
             if not (field > level).any():
                 raise GenerationError(
-                    f"no surface: no view sees the splat with alpha ≥ mesh.alpha={cfg.alpha}; "
-                    "lower mesh.alpha or check that the splat is not empty or transparent"
+                    f"no surface: no view sees the splat with alpha ≥ mesh.{key}={alpha}; "
+                    f"lower mesh.{key} or check that the splat is not empty or transparent"
                 )
             outside = -cfg.truncation
         else:

@@ -42,6 +42,18 @@ ALPHA_MIN = 1e-3
 DEPTH_TOL = 0.02
 """Depth-test tolerance as a fraction of the bounding radius (a texel slightly off the rasterised
 surface, e.g. at a triangle's grazing edge, still counts as seen)."""
+OCCLUDER_SIGMAS = 4.0
+"""A view skips texels within this many of the splat's typical Gaussian radii (its median opaque
+Gaussian's longest axis, in that view's pixels) of a mesh part in front of them by more than
+`OCCLUDER_TOL`: there the splat's soft edge of that part (its colour at alpha below the mesh's
+level, with bake weight out to ~4σ) would bleed onto the surface behind, e.g. a mug's red
+handle ghosted onto its body; other views see those texels clear. A red ball before a blue one
+(tests/test_texture.py): 99th-percentile red on the blue one .40 without, .28 at 2.5σ, .07 at 4σ."""
+OCCLUDER_MAX_PIXELS = 8
+"""Cap on that margin, so a splat of huge Gaussians does not blank whole views."""
+OCCLUDER_TOL = 0.05
+"""Depth step, as a fraction of the bounding radius, that counts as a part in front (a slanted
+surface's own depth changes less over that margin at bake resolutions)."""
 
 
 def bake_directions(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -111,6 +123,14 @@ def _texel_geometry(mesh: Mesh, size: int, device) -> tuple[Tensor, Tensor, Tens
     return idx, points, normals
 
 
+def _typical_radius(g: Gaussians) -> float:
+    """The median opaque Gaussian's longest axis (world units): how far its soft edge reaches."""
+    s = torch.exp(g.scales.float()).amax(-1)
+    opaque = g.alpha() >= 0.5
+    s = s[opaque] if int(opaque.sum()) >= 20 else s
+    return float(s.median()) if len(s) else 0.0
+
+
 def _sample_image(img: Tensor, xy: Tensor) -> Tensor:
     """Bilinear lookup of img [H, W, D] at pixel coordinates xy [T, 2] (centres at i + .5) → [T, D]."""
     H, W = img.shape[:2]
@@ -150,7 +170,9 @@ def bake_texture(
     # 2. cameras around the mesh's bounding sphere (any input .ply: not assumed at the origin)
     el, az = bake_directions(int(cfg.bake_views))
     cams = framing_cameras(mesh.vertices, el, az, R, fovy=BAKE_FOVY, device=device)
-    _, radius = bounding_sphere(mesh.vertices)
+    centre, radius = bounding_sphere(mesh.vertices)
+    centre = torch.as_tensor(centre, device=device, dtype=torch.float32)
+    sigma = _typical_radius(g)
     n = len(cams)
     on_progress(Progress("bake", 0, n, message=f"{n} views at {R}²"))
 
@@ -175,7 +197,14 @@ def bake_texture(
         surf = depth[py.clamp(0, R - 1), px.clamp(0, R - 1)]
         # The tolerance grows with the pixel footprint (z / f) so far or coarse views still match.
         tol = torch.clamp_min(2.0 * z / cam.Ks[0, 0, 0], DEPTH_TOL * radius)
-        visible = inside & ((z - surf).abs() <= tol)
+        # Nearest mesh depth within the splat's soft edge (background is +inf, so an object's
+        # own silhouette against the background does not count).
+        dist = float((cam.positions[0] - centre).norm())
+        r_px = int(min(OCCLUDER_MAX_PIXELS, max(1, math.ceil(OCCLUDER_SIGMAS * sigma * float(cam.Ks[0, 0, 0]) / dist))))
+        nearest = -F.max_pool2d(-depth[None, None], 2 * r_px + 1, stride=1, padding=r_px)[0, 0]
+        near_occ = nearest[py.clamp(0, R - 1), px.clamp(0, R - 1)]
+        clear = (z - near_occ) <= torch.clamp_min(tol, OCCLUDER_TOL * radius)
+        visible = inside & ((z - surf).abs() <= tol) & clear
         to_cam = F.normalize(cam.positions[0][None] - points, dim=-1)
         cos = (normals * to_cam).sum(-1)
         sel = torch.nonzero(visible & (cos > 0)).squeeze(1)

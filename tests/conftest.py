@@ -51,6 +51,8 @@ def tiny_config(tiny_model_dir):
             "stage1.num_points": 400,
             "stage1.max_points": 2000,
             "mesh.grid": 48,
+            "mesh.views": 12,
+            "mesh.view_resolution": 96,
             "mesh.triangles": 800,
             "texture.size": 64,
             "texture.bake_views": 6,

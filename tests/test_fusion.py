@@ -240,3 +240,36 @@ def test_field_sign_and_scale():
     assert field[c[0], c[1], c[2]] == pytest.approx(3.0)
     assert field[0, 0, 0] == pytest.approx(-3.0)
     assert float(field.max()) <= 3.0 + 1e-5 and float(field.min()) >= -3.0 - 1e-5
+
+
+def test_smoothing_follows_the_gaussians_size_not_the_voxel_grid():
+    """Blur of the fused field: none for dense thin discs, about the blob size for blobs, at
+    least a part of a sparse disc's width, capped (tdgen.fusion.smoothing_voxels)."""
+    from tdgen.fusion import SMOOTH_MAX_VOXELS, smoothing_voxels
+    from tdgen.testing.splats import fibonacci_sphere, isotropic
+
+    pts = fibonacci_sphere(2000, 0.5)
+    voxel = 0.01
+    dense = surfels(pts, pts / 0.5, spacing=0.004)  # discs under half a voxel
+    sparse = surfels(pts, pts / 0.5, spacing=0.03)  # discs three voxels wide
+    blobs = isotropic(pts, sigma=0.015, opacity=0.9)
+    assert smoothing_voxels(dense, voxel) < 0.5
+    assert 1.0 < smoothing_voxels(sparse, voxel) < SMOOTH_MAX_VOXELS
+    assert 1.0 < smoothing_voxels(blobs, voxel) <= SMOOTH_MAX_VOXELS
+    assert smoothing_voxels(isotropic(pts, sigma=0.2, opacity=0.9), voxel) == SMOOTH_MAX_VOXELS
+
+
+def test_smoothing_keeps_a_plane_and_the_outside_layer():
+    from tdgen.fusion import _smooth
+
+    G = 24
+    z = torch.arange(G, dtype=torch.float32)
+    plane = (10.5 - z).clamp(-3, 3).expand(G, G, G).clone()  # distance to the plane z = 10.5, inside below
+    out = _smooth(plane, 1.5)
+    # A plane's zero level does not move (kernel and truncated distance are both symmetric about
+    # it), the field is smoother there, and the border stays outside.
+    torch.testing.assert_close(out[:, :, 10], -out[:, :, 11], atol=1e-5, rtol=0)
+    assert (out[:, :, 10] > 0).all() and (out[:, :, 10] < plane[:, :, 10]).all()
+    assert torch.allclose(out[:, :, -1], torch.tensor(-3.0), atol=1e-5)
+    torch.testing.assert_close(out[0, 0, :], out[-1, -1, :])
+    assert _smooth(plane, 0.05) is plane  # below a tenth of a voxel: untouched

@@ -154,3 +154,35 @@ def test_bake_on_cuda_matches_the_sides():
     assert tex.is_cuda
     plus_x, minus_x = side_colours(mesh, tex.cpu())
     assert plus_x[0] > 0.75 and minus_x[2] > 0.75
+
+
+def test_a_part_in_front_does_not_ghost_onto_the_surface_behind():
+    """A red ball in front of a blue one, its mesh a little smaller than its splat (the soft edge of
+    a splat never matches a mesh's hard one): the blue ball's texels next to the red one's outline
+    must stay blue, not take the red fringe that the front views see there."""
+    from tdgen.raster import rasterize
+    from tdgen.render import orbit_cameras
+    from tdgen.testing.splats import cat, fibonacci_sphere, isotropic
+    from tdgen.unwrap import unwrap_mesh
+
+    def coloured(g: Gaussians, rgb) -> Gaussians:
+        return Gaussians(g.means, g.scales, g.quats, g.opacities,
+                         ((torch.tensor(rgb) - 0.5) / C0).expand(g.num, 3).clone(), g.shN)
+
+    front_c = np.array([0.0, 0.0, 0.75])
+    splat = cat(coloured(isotropic(fibonacci_sphere(1500, 0.5), 0.03, 0.95), BLUE),
+                coloured(isotropic(fibonacci_sphere(400, 0.17, front_c), 0.03, 0.95), RED))
+    big = trimesh.creation.icosphere(subdivisions=3, radius=0.5)
+    small = trimesh.creation.icosphere(subdivisions=3, radius=0.17)
+    small.apply_translation(front_c)
+    both = trimesh.util.concatenate([big, small])
+    mesh = unwrap_mesh(Mesh(both.vertices.astype(np.float32), both.faces.astype(np.int64),
+                            both.vertex_normals.astype(np.float32)), TextureConfig(size=128, padding=2))
+    tex = bake_texture(splat, mesh, TextureConfig(size=128, bake_views=26, bake_resolution=128), "cpu")
+    cams = orbit_cameras([0.0, 15.0], [0.0, 20.0], 2.5, 40.0, 160, 160)
+    rgb, _ = render_mesh(mesh, tex, cams, torch.zeros(3))
+    on_big = rasterize(torch.as_tensor(mesh.vertices), torch.as_tensor(mesh.faces), cams).face_id
+    on_big = (on_big >= 0) & (on_big < len(big.faces))  # pixels of the blue ball's faces
+    red = rgb[..., 0][on_big]
+    # measured .07; without the occluder margin .40
+    assert red.quantile(0.99) < 0.2  # the blue ball stays blue right up to the red one's edge
