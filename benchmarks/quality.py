@@ -57,12 +57,12 @@ its thin handle (flips, thin parts). The thresholds below are set for these two.
 # little (B) — and case A by the old density surface on flat surfels (tests/test_benchmarks.py).
 SMOKE_THRESHOLDS: dict[str, dict[str, tuple[str, float]]] = {
     # Case A is flat surfels (normal axis 1/10 of the in-plane ones), meshed by `auto` → fusion.
-    # measured (sphere / mug): chamfer .0041/.0074, F .992/.801, NC± .981/.951, IoU .991/.934,
-    # PSNR∩ 16.1/18.1, one closed piece each. The old density surface on the same mug: chamfer
-    # .0293, F .076, NC± .358, IoU .783 (12 pieces); the mug shifted 10 %: chamfer .040, IoU .73;
-    # grey bake: PSNR∩ 9–11.
-    "A": {"chamfer": ("<", 0.015), "fscore": (">", 0.6), "normal_agreement": (">", 0.9),
-          "mask_iou": (">", 0.88), "psnr_masked": (">", 14.0)},
+    # measured (sphere / mug), 2026-12-02: chamfer .0038/.0054, F .998/.941, NC± .997/.975, IoU
+    # .991/.966, PSNR∩ 16.0/18.7, one closed piece each (2026-12-01: mug chamfer .0074, F .801).
+    # The old density surface on the same mug: chamfer .0293, F .076, NC± .358, IoU .783 (12
+    # pieces); the mug shifted 10 %: chamfer .040, IoU .73; grey bake: PSNR∩ 9–11.
+    "A": {"chamfer": ("<", 0.010), "fscore": (">", 0.8), "normal_agreement": (">", 0.93),
+          "mask_iou": (">", 0.93), "psnr_masked": (">", 14.0)},
     # measured over runs: chamfer .026–.039/.032–.038, IoU .90–.965/.812–.866, PSNR∩ 14.6–16.4/
     # 15.3–18.2; a mean-colour ball (a stage 1 that learned only the silhouette's size): mug
     # chamfer .052, IoU .655, PSNR∩ 11.5. F@1 % is not held here: at the smoke grid a 1 % ball is

@@ -49,6 +49,9 @@ Gaussian's longest axis, in that view's pixels) of a mesh part in front of them 
 level, with bake weight out to ~4σ) would bleed onto the surface behind, e.g. a mug's red
 handle ghosted onto its body; other views see those texels clear. A red ball before a blue one
 (tests/test_texture.py): 99th-percentile red on the blue one .40 without, .28 at 2.5σ, .07 at 4σ."""
+OCCLUDER_SLOPE_SLACK = 1.5
+"""How much nearer than its tangent plane predicts a curved surface may come within the margin
+before it counts as a part in front."""
 OCCLUDER_MAX_PIXELS = 8
 """Cap on that margin, so a splat of huge Gaussians does not blank whole views."""
 OCCLUDER_TOL = 0.05
@@ -203,10 +206,14 @@ def bake_texture(
         r_px = int(min(OCCLUDER_MAX_PIXELS, max(1, math.ceil(OCCLUDER_SIGMAS * sigma * float(cam.Ks[0, 0, 0]) / dist))))
         nearest = -F.max_pool2d(-depth[None, None], 2 * r_px + 1, stride=1, padding=r_px)[0, 0]
         near_occ = nearest[py.clamp(0, R - 1), px.clamp(0, R - 1)]
-        clear = (z - near_occ) <= torch.clamp_min(tol, OCCLUDER_TOL * radius)
-        visible = inside & ((z - surf).abs() <= tol) & clear
         to_cam = F.normalize(cam.positions[0][None] - points, dim=-1)
         cos = (normals * to_cam).sum(-1)
+        # The texel's own surface, slanted by θ, comes nearer by up to r·footprint·tan θ within
+        # the margin (a sphere towards its limb); only a step beyond that is a part in front.
+        tan = (1.0 - cos * cos).clamp_min(0.0).sqrt() / cos.clamp_min(0.1)
+        slope = OCCLUDER_SLOPE_SLACK * r_px * (z / cam.Ks[0, 0, 0]) * tan
+        clear = (z - near_occ) <= torch.clamp_min(tol, OCCLUDER_TOL * radius) + slope
+        visible = inside & ((z - surf).abs() <= tol) & clear
         sel = torch.nonzero(visible & (cos > 0)).squeeze(1)
         if len(sel):
             look = _sample_image(torch.cat([rgb, alpha], dim=-1), xy[sel])  # [t, 4]
