@@ -162,7 +162,8 @@ class TextureConfig:
     refine_steps: int = 50
     """UV-space refinement iterations against img2img targets (0 = bake only)."""
     refine_lr: float = 0.2
-    """Adam learning rate of the texture during refinement."""
+    """Adam learning rate of the texture's logits during refinement (DreamGaussian's stage-2 value,
+    which belongs to logits: about 0.05 per step in colour at mid-grey)."""
     refine_resolution: int = 512
     """Render size of each refinement view."""
     refine_strength_start: float = 0.8
