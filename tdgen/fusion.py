@@ -1,4 +1,4 @@
-"""Splat → signed-distance volume by depth fusion (the surface of stage 2a for flat splats).
+"""Splat → signed-distance volume by depth fusion (the default surface of stage 2a).
 
 The splat is rendered from views spread over the whole sphere; each view's depth, the camera z
 where a pixel's ray has accumulated `alpha` (`twin.render_depth`: each Gaussian's opacity ramps up
@@ -249,9 +249,7 @@ def smoothing_voxels(g: Gaussians, voxel: float) -> float:
     splat's visible surface is as bumpy as its blobs are thick, and sparse flat surfels (discs
     wider than a voxel) leave a wave of their own size where their planes meet. Dense surfels
     (discs under a voxel) get next to none, so thin parts stay as they are."""
-    s = torch.exp(g.scales.float()).sort(-1).values  # [N, 3] shortest, middle, longest
-    opaque = g.alpha() >= 0.5
-    s = s[opaque] if int(opaque.sum()) >= 20 else s
+    s = torch.exp(g.scales[g.bulk()].float()).sort(-1).values  # [M, 3] shortest, middle, longest
     if len(s) == 0:
         return 0.0
     med = s.median(0).values

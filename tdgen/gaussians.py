@@ -54,6 +54,13 @@ class Gaussians:
     def alpha(self) -> Tensor:  # [N] opacity in (0, 1)
         return torch.sigmoid(self.opacities)
 
+    def bulk(self) -> Tensor:  # [N] bool
+        """The opaque Gaussians (alpha ≥ 0.5) that make up the object, or all of them when fewer
+        than 20 are: what a splat's frame and typical Gaussian size are measured on, so faint haze
+        and stray floaters do not set them."""
+        opaque = self.alpha() >= 0.5
+        return opaque if int(opaque.sum()) >= 20 else torch.ones_like(opaque)
+
     def covariances(self) -> Tensor:  # [N, 3, 3] world-space Σ = R S Sᵀ Rᵀ
         m = quat_to_rotmat(self.quats) * torch.exp(self.scales)[:, None, :]
         return m @ m.transpose(-1, -2)
@@ -87,8 +94,7 @@ def normalize_splat(g: Gaussians, crop=None) -> Gaussians:
                 "give a box in the splat's own coordinates"
             )
     g = g.subset(keep) if not bool(keep.all()) else g
-    opaque = g.alpha() >= 0.5
-    pts = g.means[opaque] if int(opaque.sum()) >= 20 else g.means
+    pts = g.means[g.bulk()]
     sample = pts[:: max(1, len(pts) // 200_000)].float()
     if len(sample) >= 2:
         q = torch.quantile(sample, torch.tensor([0.02, 0.98], device=g.device), dim=0)  # [2, 3]

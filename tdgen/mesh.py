@@ -130,10 +130,8 @@ longest (trained and captured 3DGS surfels: ≈ 0.1), else blobby (SDS and short
 
 
 def _is_flat(g: Gaussians) -> bool:
-    s = torch.exp(g.scales.float())
-    ratio = s.amin(-1) / s.amax(-1).clamp_min(1e-20)  # [N]
-    opaque = g.alpha() >= 0.5
-    ratio = ratio[opaque] if int(opaque.sum()) >= 20 else ratio
+    s = torch.exp(g.scales[g.bulk()].float())  # [M, 3]
+    ratio = s.amin(-1) / s.amax(-1).clamp_min(1e-20)  # [M]
     return float(ratio.median()) < FLAT_RATIO
 
 

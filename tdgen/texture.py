@@ -128,9 +128,7 @@ def _texel_geometry(mesh: Mesh, size: int, device) -> tuple[Tensor, Tensor, Tens
 
 def _typical_radius(g: Gaussians) -> float:
     """The median opaque Gaussian's longest axis (world units): how far its soft edge reaches."""
-    s = torch.exp(g.scales.float()).amax(-1)
-    opaque = g.alpha() >= 0.5
-    s = s[opaque] if int(opaque.sum()) >= 20 else s
+    s = torch.exp(g.scales[g.bulk()].float()).amax(-1)  # [M]
     return float(s.median()) if len(s) else 0.0
 
 
