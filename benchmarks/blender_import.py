@@ -1,0 +1,109 @@
+"""Import exported .glb files into Blender (a real importer) and report what an artist checks.
+
+Runs inside Blender, headless:
+
+    blender -b --python benchmarks/blender_import.py -- OUT.json A.glb [B.glb ...] [--render DIR]
+
+For every file: the object and mesh count, vertices and faces, UV layers, size in Blender's
+Z-up frame (glTF +Y up arrives as Blender +Z: the height is the Z size), the lowest Z (0 for a
+bottom pivot), the images on the material with their colour space, and whether an image feeds
+the shader. With `--render DIR`, one Eevee view per file from the front-right (glTF +Z front is
+Blender −Y), 20° above. Prints and writes one JSON object.
+"""
+
+import json
+import math
+import os
+import sys
+
+import numpy
+
+# Debian's Blender 3.4 glTF add-on still uses numpy.bool, which NumPy 1.24 removed.
+if "bool" not in numpy.__dict__:
+    numpy.bool = numpy.bool_
+
+import bpy  # noqa: E402  (Blender's own module: only inside Blender)
+from mathutils import Vector  # noqa: E402
+
+
+def inspect(path: str) -> dict:
+    bpy.ops.wm.read_factory_settings(use_empty=True)
+    bpy.ops.import_scene.gltf(filepath=path)
+    objects = list(bpy.context.scene.objects)
+    meshes = [o for o in objects if o.type == "MESH"]
+    rec = {"file": os.path.basename(path), "objects": len(objects), "meshes": len(meshes)}
+    if not meshes:
+        return rec
+    o = meshes[0]
+    corners = [o.matrix_world @ Vector(c) for c in o.bound_box]
+    lo = [min(v[k] for v in corners) for k in range(3)]
+    hi = [max(v[k] for v in corners) for k in range(3)]
+    mat = o.active_material
+    nodes = mat.node_tree.nodes if mat and mat.node_tree else []
+    rec.update({
+        "vertices": len(o.data.vertices),
+        "faces": len(o.data.polygons),
+        "uv_layers": [uv.name for uv in o.data.uv_layers],
+        "size_xyz": [round(hi[k] - lo[k], 4) for k in range(3)],
+        "min_z": round(lo[2], 4),
+        "images": [{"name": n.image.name, "size": list(n.image.size),
+                    "colorspace": n.image.colorspace_settings.name}
+                   for n in nodes if n.type == "TEX_IMAGE" and n.image],
+        "shader_nodes": sorted({n.type for n in nodes}),
+        "image_feeds_shader": bool(mat) and any(
+            link.from_node.type == "TEX_IMAGE" for link in mat.node_tree.links),
+    })
+    return rec
+
+
+def render(path: str, out_png: str, size: int = 384) -> None:
+    """One lit view of the scene `inspect` left loaded."""
+    scn = bpy.context.scene
+    o = [o for o in scn.objects if o.type == "MESH"][0]
+    corners = [o.matrix_world @ Vector(c) for c in o.bound_box]
+    lo = [min(v[k] for v in corners) for k in range(3)]
+    hi = [max(v[k] for v in corners) for k in range(3)]
+    centre = Vector([(lo[k] + hi[k]) / 2 for k in range(3)])
+    reach = max(hi[k] - lo[k] for k in range(3))
+    scn.render.engine = "BLENDER_EEVEE"
+    scn.render.resolution_x = scn.render.resolution_y = size
+    scn.world = bpy.data.worlds.new("world")
+    scn.world.color = (0.5, 0.5, 0.5)
+    cam = bpy.data.objects.new("camera", bpy.data.cameras.new("camera"))
+    scn.collection.objects.link(cam)
+    d, az, el = 2.8 * reach, math.radians(30), math.radians(20)
+    cam.location = centre + Vector((d * math.sin(az) * math.cos(el), -d * math.cos(az) * math.cos(el),
+                                    d * math.sin(el)))
+    cam.rotation_euler = (centre - cam.location).to_track_quat("-Z", "Y").to_euler()
+    scn.camera = cam
+    sun = bpy.data.objects.new("sun", bpy.data.lights.new("sun", "SUN"))
+    sun.data.energy = 3.0
+    sun.rotation_euler = (math.radians(50), 0.0, math.radians(30))
+    scn.collection.objects.link(sun)
+    scn.render.filepath = out_png
+    bpy.ops.render.render(write_still=True)
+
+
+def main() -> None:
+    args = sys.argv[sys.argv.index("--") + 1:] if "--" in sys.argv else []
+    render_dir = None
+    if "--render" in args:
+        i = args.index("--render")
+        render_dir = args[i + 1]
+        del args[i : i + 2]
+    out_json, files = args[0], args[1:]
+    report = {"blender": bpy.app.version_string, "files": []}
+    for f in files:
+        rec = inspect(f)
+        if render_dir and rec.get("meshes"):
+            png = os.path.join(render_dir, os.path.splitext(os.path.basename(f))[0] + ".blender.png")
+            render(f, png)
+            rec["render"] = os.path.basename(png)
+        report["files"].append(rec)
+    text = json.dumps(report, indent=1)
+    with open(out_json, "w") as fh:
+        fh.write(text)
+    print(text)
+
+
+main()
