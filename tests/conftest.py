@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 # Busy-waiting OpenMP threads make every op many times slower when other jobs share the 2 CPU
 # cores of a dev box or CI runner; must be set before torch loads.
@@ -14,6 +15,8 @@ import torch  # noqa: E402
 # Tests must never reach the hub; a missing model must fail fast instead.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# File hashes persist between runs (tdgen.model.hash_cache_file); never in the user's own cache.
+os.environ["TDGEN_CACHE_DIR"] = tempfile.mkdtemp(prefix="tdgen-test-cache-")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 from types import SimpleNamespace
@@ -91,6 +92,44 @@ def test_folder_hashes_are_cached_per_file_state(tiny_model_dir, monkeypatch):
     finally:
         os.utime(cfg_file, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert calls == [cfg_file] and again["scheduler/scheduler_config.json"] == "x"
+
+
+def test_file_hashes_persist_across_processes(tmp_path, monkeypatch):
+    """A new process (empty in-memory cache) reads a weight file's hash from disk instead of
+    hashing gigabytes again; an edited file, a torn cache file or an unwritable cache folder only
+    cost a fresh hash, never a wrong one or a failure."""
+    import hashlib
+
+    import tdgen.model as G
+
+    monkeypatch.setenv("TDGEN_CACHE_DIR", str(tmp_path / "cache"))
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"weights" * 1000)
+    truth = hashlib.sha256(weights.read_bytes()).hexdigest()
+    real, calls = G.sha256_file, []
+    monkeypatch.setattr(G, "sha256_file", lambda p: calls.append(p) or real(p))
+    monkeypatch.setattr(G, "_HASH_CACHE", {})
+    assert G._hash_cached(weights) == truth and len(calls) == 1
+    assert G.hash_cache_file().is_file()
+
+    monkeypatch.setattr(G, "_HASH_CACHE", {})  # "a new process"
+    assert G._hash_cached(weights) == truth and len(calls) == 1
+
+    weights.write_bytes(b"edited" * 1000)  # new size and mtime: hashed again
+    monkeypatch.setattr(G, "_HASH_CACHE", {})
+    assert G._hash_cached(weights) == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert len(calls) == 2
+
+    G.hash_cache_file().write_text("{torn")  # a half-written cache file is ignored, then rewritten
+    monkeypatch.setattr(G, "_HASH_CACHE", {})
+    assert G._hash_cached(weights) == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert len(calls) == 3 and json.loads(G.hash_cache_file().read_text())
+
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("")
+    monkeypatch.setenv("TDGEN_CACHE_DIR", str(blocker / "cache"))  # cannot be created
+    monkeypatch.setattr(G, "_HASH_CACHE", {})
+    assert G._hash_cached(weights) == hashlib.sha256(weights.read_bytes()).hexdigest()
 
 
 def test_cached_hub_model_loads_offline_with_its_commit(offline_hub, tiny_model_dir):
