@@ -185,7 +185,9 @@ class ExportConfig:
     """`unlit` adds KHR_materials_unlit (lighting is baked into the texture); `lit` leaves a plain
     PBR material (metallic 0, roughness 0.9)."""
     lods: int = 0
-    """Extra levels of detail written as NAME_lod1.glb, … (each half the triangles of the last)."""
+    """Extra levels of detail written as NAME_lod1.glb, … (each half the triangles of the last,
+    re-unwrapped, its texture half the size of the last down to 128², carried over from the full
+    asset's)."""
     preview: bool = True
     """Write NAME.preview.png (8 views of the textured mesh) next to the output."""
     splat: bool = True

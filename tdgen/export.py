@@ -237,13 +237,16 @@ def lod_path(path: Path, level: int) -> Path:
     return path.with_name(f"{path.stem}_lod{level}{path.suffix}")
 
 
-def export_glb(mesh: Mesh, texture, cfg: ExportConfig, path: str | os.PathLike) -> ExportResult:
+def export_glb(mesh: Mesh, texture, cfg: ExportConfig, path: str | os.PathLike,
+               lods: list[tuple[Mesh, object]] | None = None) -> ExportResult:
     """Write `mesh` with `texture` [S, S, 3] (float in [0, 1] or uint8, row 0 = top) to `path`.
 
     The asset is re-centred (pivot at the bottom centre) and uniformly scaled to `cfg.height`
-    metres; `cfg.lods` extra files follow, each with half the triangles of the previous and the
-    same texture. Every file is built in memory first and then written atomically, so a failure
-    leaves no partial output.
+    metres; `cfg.lods` extra files follow: `lods` (mesh, texture) pairs made by the caller (the
+    pipeline re-unwraps each level), or else each level decimated from the previous keeping its
+    UVs and the same texture (which stops halving once the seams dominate). Every LOD is placed
+    exactly like the main mesh, so they line up. Every file is built in memory first and then
+    written atomically, so a failure leaves no partial output.
     """
     path = Path(path)
     if mesh.uvs is None:
@@ -261,11 +264,20 @@ def export_glb(mesh: Mesh, texture, cfg: ExportConfig, path: str | os.PathLike) 
 
     unlit = cfg.shading == "unlit"
     outputs: list[tuple[Path, bytes]] = [(path, build_glb(placed(mesh), png, path.stem, unlit))]
-    lod = mesh
-    for level in range(1, cfg.lods + 1):
-        lod = decimate_keep_uvs(lod, max(1, lod.num_faces // 2))
-        p = lod_path(path, level)
-        outputs.append((p, build_glb(placed(lod), png, p.stem, unlit)))
+    if lods is not None:
+        if len(lods) != cfg.lods:
+            raise ValueError(f"export.lods is {cfg.lods} but {len(lods)} LOD meshes were given")
+        for level, (lod, lod_tex) in enumerate(lods, start=1):
+            if lod.uvs is None:
+                raise ValueError("every LOD mesh needs uvs")
+            p = lod_path(path, level)
+            outputs.append((p, build_glb(placed(lod), encode_png(texture_to_uint8(lod_tex)), p.stem, unlit)))
+    else:
+        lod = mesh
+        for level in range(1, cfg.lods + 1):
+            lod = decimate_keep_uvs(lod, max(1, lod.num_faces // 2))
+            p = lod_path(path, level)
+            outputs.append((p, build_glb(placed(lod), png, p.stem, unlit)))
 
     for p, data in outputs:
         atomic_write_bytes(p, data)

@@ -14,12 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
+import numpy as np
 import torch
 
 from tdgen import __version__
 from tdgen.config import Config, dump_toml, text_problem, validate
-from tdgen.errors import InputError
+from tdgen.errors import GenerationError, InputError
 from tdgen.io import atomic_write_text, check_writable, pending_path, sha256_file, staged_outputs
+from tdgen.meshdata import Mesh
 from tdgen.progress import Progress, ProgressFn, no_progress
 from tdgen.runtime import deterministic, make_generator, resolve_device
 
@@ -123,6 +125,35 @@ def check_prompt(prompt: str, what: str = "the prompt") -> str:
     if problem:
         raise InputError(f"{what} {problem}")
     return prompt
+
+
+LOD_MIN_TRIANGLES = 12
+"""A level would have fewer triangles than this: an error names the fix instead."""
+LOD_MIN_TEXTURE = 128
+"""LOD textures halve per level down to this size (texels)."""
+
+
+def _build_lods(surface: Mesh, textured: Mesh, texture, cfg: Config, dev) -> list[tuple[Mesh, object]]:
+    """`cfg.export.lods` (mesh, texture) levels, level k with 1/2^k of the triangles."""
+    from dataclasses import replace
+
+    from tdgen.mesh import decimate, vertex_normals
+    from tdgen.texture import transfer_texture
+    from tdgen.unwrap import unwrap_mesh
+
+    out = []
+    for level in range(1, cfg.export.lods + 1):
+        target = textured.num_faces >> level
+        if target < LOD_MIN_TRIANGLES:
+            raise GenerationError(
+                f"export.lods={cfg.export.lods}: level {level} would have {target} triangles "
+                f"(from {textured.num_faces}); lower export.lods or raise mesh.triangles")
+        v, f = decimate(surface.vertices, surface.faces, target, cfg.mesh.min_component)
+        low = Mesh(vertices=v.astype(np.float32), faces=f, normals=vertex_normals(v, f))
+        size = max(LOD_MIN_TEXTURE, int(cfg.texture.size) >> level)
+        low = unwrap_mesh(low, replace(cfg.texture, size=size))
+        out.append((low, transfer_texture(textured, texture, low, size, device=dev, seed=cfg.seed)))
+    return out
 
 
 def _stale_lods(out: Path, lods: int) -> list[Path]:
@@ -296,6 +327,7 @@ def _stage2(
         mesh = extract_mesh(gaussians, cfg.mesh, dev, on_progress=_MeshClock(on_progress, result.timings))
 
     # b. UV atlas
+    surface = mesh  # closed, seamless: what LODs are decimated from
     on_progress(Progress("unwrap", 0, 1))
     with timer("unwrap"):
         mesh = unwrap_mesh(mesh, cfg.texture)
@@ -312,10 +344,17 @@ def _stage2(
                 mesh, texture, model, embeddings, cfg.texture, dev, generator, on_progress=on_progress
             )
 
-    # e. the .glb (and LODs), then the preview people look at before importing
+    # e. LODs: each level decimated from the closed surface, re-unwrapped at half the texture
+    # size of the last, its texture transferred from the full asset's (refinement included)
+    lods = None
+    if cfg.export.lods > 0:
+        with timer("lods"):
+            lods = _build_lods(surface, mesh, texture, cfg, dev)
+
+    # f. the .glb (and LODs), then the preview people look at before importing
     on_progress(Progress("export", 0, 1))
     with timer("export"):
-        exported = export_glb(mesh, texture, cfg.export, out)
+        exported = export_glb(mesh, texture, cfg.export, out, lods=lods)
     result.outputs["glb"] = out
     for i, p in enumerate(exported.paths[1:], start=1):
         result.outputs[f"lod{i}"] = p

@@ -134,3 +134,44 @@ def test_generate_on_cuda_with_tiny_model(tmp_path, tiny_config):
     else:
         scene = trimesh.load(out)
         assert next(iter(scene.geometry.values())).visual.uv is not None
+
+
+def test_lods_halve_every_level_and_stay_closed():
+    """Each LOD is decimated from the closed surface and unwrapped anew, so its triangle count
+    halves at every level (keeping the full asset's UVs, it stalled at ~1/4: the seams)."""
+    from dataclasses import replace as dc_replace
+
+    import trimesh
+
+    from tdgen.config import Config
+    from tdgen.errors import GenerationError
+    from tdgen.meshdata import Mesh
+    from tdgen.pipeline import LOD_MIN_TEXTURE, _build_lods
+    from tdgen.texture import _texel_geometry
+    from tdgen.unwrap import unwrap_mesh
+
+    def closed(subdivisions):
+        ico = trimesh.creation.icosphere(subdivisions=subdivisions, radius=0.5)
+        return Mesh(vertices=ico.vertices.astype(np.float32), faces=ico.faces.astype(np.int64),
+                    normals=ico.vertex_normals.astype(np.float32))
+
+    base = Config()
+    cfg = dc_replace(base, export=dc_replace(base.export, lods=3), texture=dc_replace(base.texture, size=512))
+    surface = closed(4)  # 5120 triangles
+    textured = unwrap_mesh(surface, cfg.texture)
+    texture = torch.full((512, 512, 3), 0.25)
+    lods = _build_lods(surface, textured, texture, cfg, torch.device("cpu"))
+    counts = [m.num_faces for m, _ in lods]
+    assert all(0.9 * (5120 >> k) <= c <= (5120 >> k) for k, c in enumerate(counts, start=1)), counts
+    assert [t.shape[0] for _, t in lods] == [256, max(LOD_MIN_TEXTURE, 128), max(LOD_MIN_TEXTURE, 64)]
+    for m, t in lods:
+        tm = trimesh.Trimesh(m.vertices, m.faces, process=False)
+        tm.merge_vertices(merge_tex=True, merge_norm=True)
+        assert tm.is_watertight and tm.volume > 0
+        idx, _, _ = _texel_geometry(m, t.shape[0], None)
+        assert torch.allclose(t.view(-1, 3)[idx], torch.tensor(0.25), atol=1e-3)
+
+    small = closed(2)  # 320 triangles: level 5 would have 10
+    cfg5 = dc_replace(cfg, export=dc_replace(cfg.export, lods=5))
+    with pytest.raises(GenerationError, match="export.lods=5.*lower export.lods or raise mesh.triangles"):
+        _build_lods(small, unwrap_mesh(small, cfg.texture), texture, cfg5, torch.device("cpu"))
