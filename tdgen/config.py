@@ -190,6 +190,8 @@ class ExportConfig:
     asset's)."""
     preview: bool = True
     """Write NAME.preview.png (8 views of the textured mesh) next to the output."""
+    turntable: bool = False
+    """Also write NAME.turntable.webp: the textured mesh turning once (36 frames, a 3 s loop)."""
     splat: bool = True
     """`tdgen make`: also write the stage-1 splat as NAME.ply next to the output."""
 

@@ -311,7 +311,7 @@ def _stage2(
 ) -> None:
     from tdgen.export import export_glb
     from tdgen.mesh import extract_mesh
-    from tdgen.preview import write_preview
+    from tdgen.preview import write_preview, write_turntable
     from tdgen.refine import refine_texture
     from tdgen.texture import bake_texture
     from tdgen.unwrap import unwrap_mesh
@@ -363,6 +363,11 @@ def _stage2(
         with timer("preview"):
             write_preview(mesh, texture, preview)
         result.outputs["preview"] = preview
+    if cfg.export.turntable:
+        turntable = out.with_name(out.stem + ".turntable.webp")
+        with timer("turntable"):
+            write_turntable(mesh, texture, turntable)
+        result.outputs["turntable"] = turntable
     on_progress(Progress("export", 1, 1))
 
     result.counts["vertices"] = exported.vertices

@@ -97,8 +97,12 @@ def test_mesh_command_half_red_half_blue(tmp_path):
     out = tmp_path / "ball.glb"
     r = runner.invoke(app, ["mesh", str(ply), "-o", str(out), "--preset", "draft", "--device", "cpu",
                             "--set", "mesh.grid=64", "--set", "texture.size=128", "--set", "texture.bake_resolution=96",
-                            "--set", "texture.bake_views=10", "--set", "mesh.triangles=2000", "--set", "export.preview=false"])
+                            "--set", "texture.bake_views=10", "--set", "mesh.triangles=2000", "--set", "export.preview=false",
+                            "--set", "export.turntable=true"])
     assert r.exit_code == 0, r.output
+    # the turntable is a setting of its own: written beside the .glb even with the preview off
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ball.config.toml", "ball.glb", "ball.ply",
+                                                          "ball.turntable.webp"]
     scene = _assert_valid_glb(out)
     geom = next(iter(scene.geometry.values()))
     tex = torch.from_numpy(np.asarray(geom.visual.material.baseColorTexture.convert("RGB"), dtype=np.float32) / 255.0)

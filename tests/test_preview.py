@@ -1,4 +1,4 @@
-"""The 8-view preview sheet."""
+"""The 8-view preview sheet and the turntable."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from PIL import Image
 
 from tdgen.config import TextureConfig
 from tdgen.meshdata import Mesh
-from tdgen.preview import BACKGROUND, render_preview, write_preview
+from tdgen.preview import BACKGROUND, TURNTABLE_FRAMES, render_preview, write_preview, write_turntable
 
 
 def textured_sphere():
@@ -56,3 +56,23 @@ def test_render_preview_accepts_numpy_uint8():
 def test_preview_from_a_cuda_texture(tmp_path):
     mesh, tex = textured_sphere()
     assert np.array_equal(render_preview(mesh, tex.cuda(), size=16), render_preview(mesh, tex, size=16))
+
+
+def test_turntable_is_a_looping_webp_that_turns_once_front_first(tmp_path):
+    """36 frames 10° apart: the first is the preview's front view, the 10th (90°) its third tile's
+    neighbour in angle, and the frames differ (the sphere's red/blue split turns with it)."""
+    from PIL import ImageSequence
+
+    mesh, tex = textured_sphere()
+    path = tmp_path / "a.turntable.webp"
+    write_turntable(mesh, tex, path, size=32)
+    im = Image.open(path)
+    assert im.format == "WEBP" and im.is_animated and im.n_frames == TURNTABLE_FRAMES
+    assert im.info.get("loop") == 0 and im.size == (32, 32)
+    frames = [np.asarray(f.convert("RGB")).astype(int) for f in ImageSequence.Iterator(im)]
+    sheet = render_preview(mesh, tex, size=32).astype(int)
+    # lossy WebP: compare means of the object's pixels, front (0°) and side (90° = sheet tile 2)
+    for frame, tile in ((frames[0], sheet[:32, :32]), (frames[9], sheet[:32, 64:96])):
+        assert np.abs(frame.mean((0, 1)) - tile.mean((0, 1))).max() < 6
+    assert np.abs(frames[0] - frames[18]).mean() > 5  # the back is not the front
+    assert [p.name for p in tmp_path.iterdir()] == ["a.turntable.webp"]
