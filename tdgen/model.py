@@ -308,15 +308,18 @@ def _hash_cached(path: Path) -> str:
     digest = _read_disk_cache(cache_file).get(disk_key)
     if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
         digest = sha256_file(path)
+        # Written at once, not through tdgen.io's atomic writes: those join a run's staged
+        # outputs, which a failed run discards, and the hash is right whatever the run does.
+        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
         try:  # re-read, so concurrent runs each add their entries; write whole, then rename
             entries = _read_disk_cache(cache_file)
             entries[disk_key] = digest
             cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
             tmp.write_text(json.dumps(entries, indent=0, sort_keys=True))
             os.replace(tmp, cache_file)
         except OSError:  # a read-only home is no reason to fail a generation
-            pass
+            with contextlib.suppress(OSError):
+                tmp.unlink()
     _HASH_CACHE[key] = digest
     return digest
 

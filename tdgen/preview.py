@@ -21,17 +21,22 @@ BACKGROUND = (0.85, 0.85, 0.85)
 
 
 @torch.no_grad()
-def render_preview(mesh: Mesh, texture: Tensor | np.ndarray, size: int = 256) -> np.ndarray:
-    """The 4×2 grid as uint8 [2·size, 4·size, 3]: azimuths 0, 45, …, 315 (front first), row-major."""
+def _views(mesh: Mesh, texture: Tensor | np.ndarray, azimuths: np.ndarray, size: int) -> Tensor:
+    """uint8 [n, size, size, 3]: the mesh from `PREVIEW_ELEVATION` at `azimuths` (degrees, 0 =
+    front), all framed alike, on `BACKGROUND`."""
     tex = torch.as_tensor(texture)
     tex = tex.float() / 255.0 if tex.dtype == torch.uint8 else tex.float()  # export takes uint8 too
-    azimuths = np.arange(8) * 45.0
-    cams = framing_cameras(mesh.vertices, np.full(8, PREVIEW_ELEVATION), azimuths, size,
+    cams = framing_cameras(mesh.vertices, np.full(len(azimuths), PREVIEW_ELEVATION), azimuths, size,
                            device=tex.device)
-    bg = torch.tensor(BACKGROUND, device=tex.device).expand(8, 3)
-    rgb, _ = render_mesh(mesh, tex, cams, bg)  # [8, size, size, 3]
-    grid = rgb.view(2, 4, size, size, 3).permute(0, 2, 1, 3, 4).reshape(2 * size, 4 * size, 3)
-    return (grid.clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
+    bg = torch.tensor(BACKGROUND, device=tex.device).expand(len(azimuths), 3)
+    rgb, _ = render_mesh(mesh, tex, cams, bg)  # [n, size, size, 3]
+    return (rgb.clamp(0, 1) * 255 + 0.5).to(torch.uint8)
+
+
+def render_preview(mesh: Mesh, texture: Tensor | np.ndarray, size: int = 256) -> np.ndarray:
+    """The 4×2 grid as uint8 [2·size, 4·size, 3]: azimuths 0, 45, …, 315 (front first), row-major."""
+    rgb = _views(mesh, texture, np.arange(8) * 45.0, size)  # [8, size, size, 3]
+    return rgb.view(2, 4, size, size, 3).permute(0, 2, 1, 3, 4).reshape(2 * size, 4 * size, 3).cpu().numpy()
 
 
 def write_preview(mesh: Mesh, texture: Tensor | np.ndarray, path: str | os.PathLike,
@@ -50,7 +55,6 @@ TURNTABLE_SECONDS = 3.0
 """Length of one turn: slow enough to read the texture, short enough to loop in a review."""
 
 
-@torch.no_grad()
 def write_turntable(mesh: Mesh, texture: Tensor | np.ndarray, path: str | os.PathLike,
                     size: int = 256) -> None:
     """Write a looping animated WebP of the mesh turning once about +Y (front first, seen from
@@ -58,16 +62,10 @@ def write_turntable(mesh: Mesh, texture: Tensor | np.ndarray, path: str | os.Pat
     the size, and every browser and chat tool plays it."""
     from PIL import Image
 
-    tex = torch.as_tensor(texture)
-    tex = tex.float() / 255.0 if tex.dtype == torch.uint8 else tex.float()
     azimuths = np.arange(TURNTABLE_FRAMES) * (360.0 / TURNTABLE_FRAMES)
     frames = []
     for chunk in np.array_split(azimuths, max(1, TURNTABLE_FRAMES // 12)):  # bounded memory
-        cams = framing_cameras(mesh.vertices, np.full(len(chunk), PREVIEW_ELEVATION), chunk, size,
-                               device=tex.device)
-        bg = torch.tensor(BACKGROUND, device=tex.device).expand(len(chunk), 3)
-        rgb, _ = render_mesh(mesh, tex, cams, bg)  # [n, size, size, 3]
-        frames += list((rgb.clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy())
+        frames += list(_views(mesh, texture, chunk, size).cpu().numpy())
     images = [Image.fromarray(f) for f in frames]
     buf = io.BytesIO()
     images[0].save(buf, format="WEBP", save_all=True, append_images=images[1:], loop=0,

@@ -127,6 +127,16 @@ def _texel_geometry(mesh: Mesh, size: int, device) -> tuple[Tensor, Tensor, Tens
     return idx, points, normals
 
 
+def _texture_from_texels(colours: Tensor, idx: Tensor, size: int) -> Tensor:
+    """[size, size, 3]: `colours` [T, 3] at the covered texels `idx` [T] (flat into size²),
+    clamped to [0, 1], gutters filled from the nearest chart texel."""
+    texture = torch.zeros(size * size, 3, device=colours.device)
+    texture[idx] = colours.clamp(0.0, 1.0)
+    mask = torch.zeros(size * size, dtype=torch.bool, device=colours.device)
+    mask[idx] = True
+    return fill_gutters(texture.view(size, size, 3), mask.view(size, size))
+
+
 def _typical_radius(g: Gaussians) -> float:
     """The median opaque Gaussian's longest axis (world units): how far its soft edge reaches."""
     s = torch.exp(g.scales[g.bulk()].float()).amax(-1)  # [M]
@@ -237,11 +247,7 @@ def bake_texture(
         _, nearest = cKDTree(src).query(dst, k=1)
         seen_ids = torch.nonzero(seen).squeeze(1)
         colours[~seen] = colours[seen_ids[torch.from_numpy(nearest).to(device)]]
-    texture = torch.zeros(S * S, 3, device=device)
-    texture[idx] = colours.clamp(0.0, 1.0)
-    mask = torch.zeros(S * S, dtype=torch.bool, device=device)
-    mask[idx] = True
-    return fill_gutters(texture.view(S, S, 3), mask.view(S, S))
+    return _texture_from_texels(colours, idx, S)
 
 
 TRANSFER_SAMPLES_PER_TEXEL = 4
@@ -285,8 +291,4 @@ def transfer_texture(src: Mesh, src_texture: Tensor, dst: Mesh, size: int, devic
     xy = torch.as_tensor(uv[chosen] * S, dtype=torch.float32, device=src_texture.device)
     colours = _sample_image(src_texture.float(), xy).to(points.device)  # [T, 3]
 
-    texture = torch.zeros(size * size, 3, device=points.device)
-    texture[idx] = colours.clamp(0.0, 1.0)
-    mask = torch.zeros(size * size, dtype=torch.bool, device=points.device)
-    mask[idx] = True
-    return fill_gutters(texture.view(size, size, 3), mask.view(size, size))
+    return _texture_from_texels(colours, idx, size)
