@@ -324,8 +324,10 @@ def img2img_target(model: DiffusionModel, images: Tensor, cond: Tensor, uncond: 
 
     b = images.shape[0]
     # A private scheduler: set_timesteps mutates it, and the shared one serves SDS. It steps as an
-    # ε model because predict_noise_cfg already converts v-predictions to ε.
-    sched = DDIMScheduler.from_config(model.scheduler.config, prediction_type="epsilon")
+    # ε model because predict_noise_cfg already converts v-predictions to ε; it never clips x0
+    # (latents are not bounded to [-1, 1]; see model.load_model).
+    sched = DDIMScheduler.from_config(model.scheduler.config, prediction_type="epsilon",
+                                      clip_sample=False)
     sched.set_timesteps(ddim_steps, device=model.device)
     n_skip = min(max(int(ddim_steps * float(strength)), 0), ddim_steps)
     timesteps = sched.timesteps[n_skip:]

@@ -422,8 +422,14 @@ def load_model(cfg: ModelConfig, device) -> DiffusionModel:
             unet = UNet2DConditionModel.from_pretrained(str(folder / "unet"), torch_dtype=dtype, **kw)
     # DDIM from the model's own config: SD ships a PNDM config with the same betas, and SDS only
     # needs the training schedule (ᾱ_t) plus a deterministic sampler for img2img.
+    # clip_sample off whatever the config says: it clips DDIM's x0 estimate to [-1, 1], which is
+    # for pixel-space models; latents are not bounded so. SD's own config says false, but a PNDM
+    # config without the key (PNDM has no such option) makes DDIM default to True, and then
+    # img2img targets and samples come out wrong (a trained toy prior drew a chair for every
+    # prompt until this was found).
     with _loading(cfg.id, "scheduler/"):
-        scheduler = DDIMScheduler.from_pretrained(str(folder), subfolder="scheduler")
+        scheduler = DDIMScheduler.from_pretrained(str(folder), subfolder="scheduler",
+                                                  clip_sample=False)
     if scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
         raise ModelFormatError(
             f"model {cfg.id!r} predicts {scheduler.config.prediction_type!r}; tdgen supports "

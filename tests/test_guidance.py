@@ -358,6 +358,27 @@ def test_img2img_target(model, emb):
     assert torch.equal(run(1.0), images)  # the whole schedule skipped → the input back
 
 
+def test_latent_ddim_never_clips_its_x0_estimate(model, emb):
+    """The tiny model ships SD's PNDM config, which has no clip_sample key (DDIM's default is
+    True): the loader and img2img must still treat latents as unbounded."""
+    from diffusers import DDIMScheduler
+
+    assert model.scheduler.config.clip_sample is False
+    sched = model.scheduler
+    sched.set_timesteps(10)
+    t = sched.timesteps[0]
+    big = torch.full((1, 4, 8, 8), 3.0)
+    x0 = sched.step(torch.zeros_like(big), t, big).pred_original_sample
+    assert float(x0.min()) > 3.0  # x0 = x_t / √ᾱ_t, not clipped to 1
+
+    images = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    clipping = dataclasses.replace(model, scheduler=DDIMScheduler.from_config(
+        model.scheduler.config, clip_sample=True))
+    a, b = (img2img_target(m, images, emb.views["front"], emb.uncond, 0.3, 10, 7.5,
+                           torch.Generator().manual_seed(0)) for m in (model, clipping))
+    torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("strength, calls", [(0.8, 10), (0.95, 3), (0.0, 50)])
 def test_img2img_strength_skips_that_fraction_of_the_schedule(model, emb, monkeypatch, strength, calls):
     """DreamGaussian's convention: denoise from index int(steps·strength) of a 50-step schedule."""

@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -56,10 +57,12 @@ def cmd_train(a) -> None:
     from benchmarks.toy_prior.train import train_prior
 
     data = ToyData.load(a.data)
-    rec = train_prior(data, SIZES[a.size], a.out, a.device, seed=a.seed, vae_steps=a.vae_steps,
+    size = replace(SIZES[a.size], max_length=a.context_length or SIZES[a.size].max_length,
+                   mix_prefix=a.mix_prefix)
+    rec = train_prior(data, size, a.out, a.device, seed=a.seed, vae_steps=a.vae_steps,
                       unet_steps=a.unet_steps, batch=a.batch, vae_batch=a.vae_batch, lr=a.lr,
                       max_seconds=a.max_seconds, unet_stop=a.unet_stop,
-                      vae_stop=a.vae_stop)
+                      vae_stop=a.vae_stop, t_weight_cap=a.t_weight_cap)
     if a.sheet:
         model = load_prior(a.out, a.device)
         sample_sheet(model, list(data.objects), SIZES[a.size].image, a.sheet, guidance=a.cfg)
@@ -121,6 +124,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--vae-batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--context-length", type=int, default=0,
+                   help="text context (tokenizer model_max_length); 0 = SD's 77")
+    p.add_argument("--mix-prefix", action="store_true",
+                   help="text tower averages each position's prefix into it (model.py)")
+    p.add_argument("--t-weight-cap", type=float, default=0.0,
+                   help="per-timestep ε-MSE weight min(1/ᾱ_t, cap), mean 1; 0 = uniform")
     p.add_argument("--max-seconds", type=float, default=480.0,
                    help="stop early (recorded) if training would run longer")
     p.add_argument("--vae-stop", type=int, default=None,

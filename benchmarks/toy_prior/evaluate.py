@@ -43,7 +43,7 @@ def sample(model, texts: list[str], size: int, guidance: float, steps: int,
 
     from tdgen.guidance import encode_texts, predict_noise_cfg
 
-    sched = DDIMScheduler.from_config(model.scheduler.config)
+    sched = DDIMScheduler.from_config(model.scheduler.config, clip_sample=False)
     sched.set_timesteps(steps, device=model.device)
     cond = encode_texts(model, texts)
     uncond = encode_texts(model, [""]).expand(len(texts), -1, -1)

@@ -6,8 +6,19 @@ the byte-level tokenizer, frozen and then trained jointly) gave a UNet whose los
 equalled its loss with the empty prompt — prompts differing in a few byte positions produced
 nearly identical embeddings. Here every caption word is one token (BPE merges written for it), its
 embedding a random N(0, I) vector (nearly orthogonal to the others in 64-d), and the one
-transformer layer's output projections are zero, so the tower returns
-LayerNorm(token + small position) per position: object and view words stay well separated.
+transformer layer's output projections are zero, so the tower returns LayerNorm(token + small
+position) per position: object and view words stay well separated.
+
+Two options test whether the prompt's dilution is what keeps a short run from learning it where a
+sample's identity is set (high t); both are off, so `train` reproduces the committed prior.
+`PriorSize.max_length` shortens the context (the tokenizer's `model_max_length`, which tdgen's
+`encode_texts` pads to): at SD's 77, 70 positions are identical end-of-text pads, so a fresh
+cross-attention reads the object word at ~1/77 of its weight. `mix_prefix` makes the layer's
+attention average each position's prefix into it (zero queries and keys, identity values; CLIP's
+mask is causal), so the end-of-text positions carry the whole caption as in a trained CLIP.
+Measured on the H200 (benchmarks/results/toy-prior-2026-12-02): with both on, 3.0k steps, the
+ε-MSE gap between an empty and the right caption at t 750–1000 was +0.0025, as without them
+(+0.0026 at 5.1k steps), and DDIM samples still ignored the prompt.
 """
 
 from __future__ import annotations
@@ -37,6 +48,10 @@ class PriorSize:
     global_text: bool = True
     """Also feed an attention-pooled prompt into the time embedding (diffusers'
     `addition_embed_type="text"`), a FiLM path to every ResNet block beside cross-attention."""
+    max_length: int = MAX_LENGTH
+    """Text context length (tokenizer `model_max_length`); "a <name>, <view> view" is 7 tokens."""
+    mix_prefix: bool = False
+    """The tower's attention averages each position's prefix into it (see the module docstring)."""
 
 
 SIZES: dict[str, PriorSize] = {
@@ -69,8 +84,12 @@ def word_vocab(words: list[str]) -> tuple[dict[str, int], list[str]]:
     return vocab, list(dict.fromkeys(merges))
 
 
-def write_word_tokenizer(folder: Path, words: list[str]) -> Path:
+def write_word_tokenizer(folder: Path, words: list[str], max_length: int = MAX_LENGTH) -> Path:
     write_tokenizer_files(folder)  # the configs and special tokens of tdgen's test tokenizer
+    cfg_path = folder / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["model_max_length"] = max_length
+    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
     vocab, merges = word_vocab(words)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
@@ -78,10 +97,11 @@ def write_word_tokenizer(folder: Path, words: list[str]) -> Path:
 
 
 def build_text_encoder(vocab_size: int, bos: int, eos: int, size: PriorSize, seed: int):
-    """CLIPTextModel whose output is LayerNorm(token_emb + 0.05·pos_emb) at every position."""
+    """CLIPTextModel whose output at position i is LayerNorm(x_i [+ mean_{j≤i} LN(x_j)]),
+    x = token_emb + 0.05·pos_emb; the bracket with `size.mix_prefix`."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    cfg = CLIPTextConfig(vocab_size=vocab_size, max_position_embeddings=MAX_LENGTH,
+    cfg = CLIPTextConfig(vocab_size=vocab_size, max_position_embeddings=size.max_length,
                          bos_token_id=bos, eos_token_id=eos, pad_token_id=eos,
                          hidden_size=size.text_dim, intermediate_size=2 * size.text_dim,
                          num_hidden_layers=1, num_attention_heads=size.heads,
@@ -96,9 +116,15 @@ def build_text_encoder(vocab_size: int, bos: int, eos: int, size: PriorSize, see
             emb.token_embedding.weight.normal_(0.0, 1.0)
             emb.position_embedding.weight.normal_(0.0, 0.05)
             layer = tower.encoder.layers[0]
-            for lin in (layer.self_attn.out_proj, layer.mlp.fc2):
+            att = layer.self_attn
+            mixed = (att.q_proj, att.k_proj) if size.mix_prefix else (att.out_proj,)
+            for lin in (*mixed, layer.mlp.fc2):
                 lin.weight.zero_()
                 lin.bias.zero_()
+            if size.mix_prefix:  # uniform causal attention, identity values: prefix means
+                for lin in (att.v_proj, att.out_proj):
+                    lin.weight.copy_(torch.eye(size.text_dim))
+                    lin.bias.zero_()
     return te
 
 
@@ -138,7 +164,8 @@ def build_components(size: PriorSize, words: list[str], seed: int, folder: Path)
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTokenizer
 
-    tok = CLIPTokenizer.from_pretrained(str(write_word_tokenizer(folder / "tokenizer", words)))
+    tok = CLIPTokenizer.from_pretrained(str(write_word_tokenizer(folder / "tokenizer", words,
+                                                                 size.max_length)))
     vocab = tok.get_vocab()
     te = build_text_encoder(len(vocab), vocab[BOS_TOKEN], vocab[EOS_TOKEN], size, seed)
     with torch.random.fork_rng(devices=[]):
