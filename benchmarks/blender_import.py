@@ -31,10 +31,11 @@ def inspect(path: str) -> dict:
     bpy.ops.import_scene.gltf(filepath=path)
     objects = list(bpy.context.scene.objects)
     meshes = [o for o in objects if o.type == "MESH"]
-    rec = {"file": os.path.basename(path), "objects": len(objects), "meshes": len(meshes)}
+    rec = {"file": os.path.basename(path), "objects": len(objects), "meshes": len(meshes),
+           "names": sorted(o.name for o in objects)}
     if not meshes:
         return rec
-    o = meshes[0]
+    o = max(meshes, key=lambda m: len(m.data.polygons))  # the render mesh, not a collider
     corners = [o.matrix_world @ Vector(c) for c in o.bound_box]
     lo = [min(v[k] for v in corners) for k in range(3)]
     hi = [max(v[k] for v in corners) for k in range(3)]

@@ -194,6 +194,15 @@ class ExportConfig:
     """Also write NAME.turntable.webp: the textured mesh turning once (36 frames, a 3 s loop)."""
     splat: bool = True
     """`tdgen make`: also write the stage-1 splat as NAME.ply next to the output."""
+    collision: Literal["none", "hull", "convex"] = "none"
+    """Collision shapes written into the .glb beside the render mesh: `hull` one convex hull,
+    `convex` an approximate convex decomposition (CoACD), `none` nothing."""
+    collision_hulls: int = 16
+    """`convex`: the most hulls the decomposition may use."""
+    collision_names: Literal["godot", "unreal"] = "godot"
+    """How collision nodes are named so the engine's importer makes colliders of them: `godot`
+    NAME_colN-convcolonly (Godot's glTF import hint), `unreal` UCX_NAME_NN (Unreal's prefix).
+    Unity's glTF importers ignore both: add a MeshCollider to those child objects by hand."""
 
 
 @dataclass(frozen=True)
@@ -507,6 +516,7 @@ LIMITS: dict[str, tuple[float, float, str]] = {
     "texture.refine_guidance_scale": (0.0, 100.0, ""),
     "export.height": (0.001, 1000.0, "metres"),
     "export.lods": (0, 8, "each halves the triangles"),
+    "export.collision_hulls": (1, 256, "each is one convex collider"),
 }
 NONEMPTY = ("model.id", "model.revision", "model.tiny_encoder_id")
 

@@ -39,6 +39,8 @@ class ExportResult:
     """Edge of the embedded square base-colour texture, texels."""
     height: float
     """Height of the asset (y extent), metres."""
+    collision_hulls: int = 0
+    """Convex collision pieces written into the main .glb."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,8 +148,21 @@ def _unit_normals(n: np.ndarray) -> np.ndarray:
     return n.astype(np.float32)
 
 
-def build_glb(mesh: Mesh, png: bytes, name: str, unlit: bool) -> bytes:
-    """One scene → one node (no transform) → one mesh with one textured primitive, as .glb bytes."""
+def collision_node_name(name: str, index: int, convention: str) -> str:
+    """The node name an engine's importer turns into a convex collider (see
+    `ExportConfig.collision_names`): Godot strips the `-convcolonly` hint and makes a
+    StaticBody3D with a convex shape, hiding the mesh; Unreal pairs `UCX_NAME_NN` with NAME."""
+    if convention == "unreal":
+        return f"UCX_{name}_{index:02d}"
+    return f"{name}_col{index:02d}-convcolonly"
+
+
+def build_glb(mesh: Mesh, png: bytes, name: str, unlit: bool,
+              collision: list[tuple[np.ndarray, np.ndarray]] = (),
+              collision_names: str = "godot") -> bytes:
+    """One scene → one node (no transform) → one mesh with one textured primitive, as .glb bytes;
+    each `collision` piece (vertices [V, 3], faces [F, 3], already placed) one more root node
+    with an untextured, position-only mesh named by `collision_node_name`."""
     import pygltflib as gl
 
     positions = np.ascontiguousarray(mesh.vertices, dtype=np.float32)  # [V, 3]
@@ -190,6 +205,23 @@ def build_glb(mesh: Mesh, png: bytes, name: str, unlit: bool) -> bytes:
     ]
     image_view = add_view(png, None)
 
+    extra_nodes, extra_meshes = [], []
+    for k, (cv, cf) in enumerate(collision):
+        cv = np.ascontiguousarray(cv, dtype=np.float32)
+        ci = np.ascontiguousarray(cf, dtype=np.uint16 if len(cv) < 65535 else np.uint32).reshape(-1)
+        accessors.append(gl.Accessor(
+            bufferView=add_view(cv.tobytes(), _ARRAY_BUFFER), componentType=_FLOAT, count=len(cv),
+            type="VEC3", min=[float(x) for x in cv.min(0)], max=[float(x) for x in cv.max(0)]))
+        accessors.append(gl.Accessor(
+            bufferView=add_view(ci.tobytes(), _ELEMENT_ARRAY_BUFFER),
+            componentType=_UINT16 if ci.dtype == np.uint16 else _UINT32, count=int(ci.size),
+            type="SCALAR"))
+        node_name = collision_node_name(name, k, collision_names)
+        extra_meshes.append(gl.Mesh(name=node_name, primitives=[gl.Primitive(
+            attributes=gl.Attributes(POSITION=len(accessors) - 2), indices=len(accessors) - 1,
+            mode=gl.TRIANGLES)]))
+        extra_nodes.append(gl.Node(name=node_name, mesh=1 + k))
+
     material = gl.Material(
         name=f"{name}_material",
         pbrMetallicRoughness=gl.PbrMetallicRoughness(
@@ -212,9 +244,9 @@ def build_glb(mesh: Mesh, png: bytes, name: str, unlit: bool) -> bytes:
         asset=gl.Asset(generator=f"tdgen {__version__}", version="2.0"),
         extensionsUsed=[_UNLIT] if unlit else [],
         scene=0,
-        scenes=[gl.Scene(name=name, nodes=[0])],
-        nodes=[gl.Node(name=name, mesh=0)],  # identity: no matrix, no TRS
-        meshes=[gl.Mesh(name=name, primitives=[primitive])],
+        scenes=[gl.Scene(name=name, nodes=list(range(1 + len(extra_nodes))))],
+        nodes=[gl.Node(name=name, mesh=0), *extra_nodes],  # identity: no matrix, no TRS
+        meshes=[gl.Mesh(name=name, primitives=[primitive]), *extra_meshes],
         materials=[material],
         textures=[gl.Texture(name=f"{name}_basecolor", sampler=0, source=0)],
         samplers=[
@@ -238,14 +270,17 @@ def lod_path(path: Path, level: int) -> Path:
 
 
 def export_glb(mesh: Mesh, texture, cfg: ExportConfig, path: str | os.PathLike,
-               lods: list[tuple[Mesh, object]] | None = None) -> ExportResult:
+               lods: list[tuple[Mesh, object]] | None = None,
+               collision: list[tuple[np.ndarray, np.ndarray]] = ()) -> ExportResult:
     """Write `mesh` with `texture` [S, S, 3] (float in [0, 1] or uint8, row 0 = top) to `path`.
 
     The asset is re-centred (pivot at the bottom centre) and uniformly scaled to `cfg.height`
     metres; `cfg.lods` extra files follow: `lods` (mesh, texture) pairs made by the caller (the
     pipeline re-unwraps each level), or else each level decimated from the previous keeping its
     UVs and the same texture (which stops halving once the seams dominate). Every LOD is placed
-    exactly like the main mesh, so they line up. Every file is built in memory first and then
+    exactly like the main mesh, so they line up. `collision` pieces (`collision.collision_shapes`,
+    in the mesh's frame) go into the main file only, placed the same way. Every file is built in
+    memory first and then
     written atomically, so a failure leaves no partial output.
     """
     path = Path(path)
@@ -263,7 +298,9 @@ def export_glb(mesh: Mesh, texture, cfg: ExportConfig, path: str | os.PathLike,
         return Mesh(vertices=v, faces=m.faces, normals=m.normals, uvs=m.uvs)
 
     unlit = cfg.shading == "unlit"
-    outputs: list[tuple[Path, bytes]] = [(path, build_glb(placed(mesh), png, path.stem, unlit))]
+    pieces = [(((v.astype(np.float64) - offset) * scale).astype(np.float32), f) for v, f in collision]
+    outputs: list[tuple[Path, bytes]] = [(path, build_glb(placed(mesh), png, path.stem, unlit,
+                                                          pieces, cfg.collision_names))]
     if lods is not None:
         if len(lods) != cfg.lods:
             raise ValueError(f"export.lods is {cfg.lods} but {len(lods)} LOD meshes were given")
@@ -287,4 +324,5 @@ def export_glb(mesh: Mesh, texture, cfg: ExportConfig, path: str | os.PathLike,
         vertices=mesh.num_vertices,
         texture_size=int(tex.shape[0]),
         height=float(cfg.height),
+        collision_hulls=len(pieces),
     )

@@ -309,6 +309,7 @@ def _stage2(
     result: GenerateResult,
     on_progress: ProgressFn,
 ) -> None:
+    from tdgen.collision import collision_shapes
     from tdgen.export import export_glb
     from tdgen.mesh import extract_mesh
     from tdgen.preview import write_preview, write_turntable
@@ -351,10 +352,16 @@ def _stage2(
         with timer("lods"):
             lods = _build_lods(surface, mesh, texture, cfg, dev)
 
-    # f. the .glb (and LODs), then the preview people look at before importing
+    # f. collision shapes from the closed surface (seamless: what a decomposition needs)
+    collision = []
+    if cfg.export.collision != "none":
+        with timer("collision"):
+            collision = collision_shapes(surface, cfg.export)
+
+    # g. the .glb (and LODs), then the preview people look at before importing
     on_progress(Progress("export", 0, 1))
     with timer("export"):
-        exported = export_glb(mesh, texture, cfg.export, out, lods=lods)
+        exported = export_glb(mesh, texture, cfg.export, out, lods=lods, collision=collision)
     result.outputs["glb"] = out
     for i, p in enumerate(exported.paths[1:], start=1):
         result.outputs[f"lod{i}"] = p
@@ -374,4 +381,6 @@ def _stage2(
     result.counts["triangles"] = exported.triangles
     result.counts["texture_size"] = exported.texture_size
     result.counts["texels"] = exported.texture_size**2
+    if exported.collision_hulls:
+        result.counts["collision_hulls"] = exported.collision_hulls
     result.sha256 = sha256_file(pending_path(out))

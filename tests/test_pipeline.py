@@ -98,8 +98,12 @@ def test_mesh_command_half_red_half_blue(tmp_path):
     r = runner.invoke(app, ["mesh", str(ply), "-o", str(out), "--preset", "draft", "--device", "cpu",
                             "--set", "mesh.grid=64", "--set", "texture.size=128", "--set", "texture.bake_resolution=96",
                             "--set", "texture.bake_views=10", "--set", "mesh.triangles=2000", "--set", "export.preview=false",
-                            "--set", "export.turntable=true"])
+                            "--set", "export.turntable=true", "--set", "export.collision=hull"])
     assert r.exit_code == 0, r.output
+    import pygltflib
+
+    nodes = [n.name for n in pygltflib.GLTF2().load(str(out)).nodes]
+    assert nodes == ["ball", "ball_col00-convcolonly"]  # the render mesh, then its collider
     # the turntable is a setting of its own: written beside the .glb even with the preview off
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ball.config.toml", "ball.glb", "ball.ply",
                                                           "ball.turntable.webp"]
