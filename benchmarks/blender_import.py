@@ -4,7 +4,8 @@ Runs inside Blender, headless:
 
     blender -b --python benchmarks/blender_import.py -- OUT.json A.glb [B.glb ...] [--render DIR]
 
-For every file: the object and mesh count, vertices and faces, UV layers, size in Blender's
+For every file: the object and mesh count, the object names and how many are colliders (Godot's
+-convcolonly / Unreal's UCX_ names), vertices and faces, UV layers, size in Blender's
 Z-up frame (glTF +Y up arrives as Blender +Z: the height is the Z size), the lowest Z (0 for a
 bottom pivot), the images on the material with their colour space, and whether an image feeds
 the shader. With `--render DIR`, one Eevee view per file from the front-right (glTF +Z front is
@@ -32,7 +33,8 @@ def inspect(path: str) -> dict:
     objects = list(bpy.context.scene.objects)
     meshes = [o for o in objects if o.type == "MESH"]
     rec = {"file": os.path.basename(path), "objects": len(objects), "meshes": len(meshes),
-           "names": sorted(o.name for o in objects)}
+           "names": sorted(o.name for o in objects),
+           "colliders": sum(is_collider(o.name) for o in objects)}
     if not meshes:
         return rec
     o = max(meshes, key=lambda m: len(m.data.polygons))  # the render mesh, not a collider
@@ -57,15 +59,32 @@ def inspect(path: str) -> dict:
     return rec
 
 
+def is_collider(name: str) -> bool:
+    """Godot's -colonly / -convcolonly hints and Unreal's UCX_ prefix (tdgen's collision nodes)."""
+    return name.endswith(("-colonly", "-convcolonly")) or name.startswith("UCX_")
+
+
 def render(path: str, out_png: str, size: int = 384) -> None:
-    """One lit view of the scene `inspect` left loaded."""
+    """One lit view of the scene `inspect` left loaded. Colliders are drawn beside it instead of
+    over it: the render mesh on the left, its collision hulls (one colour each) on the right."""
     scn = bpy.context.scene
-    o = [o for o in scn.objects if o.type == "MESH"][0]
+    meshes = [o for o in scn.objects if o.type == "MESH"]
+    o = max(meshes, key=lambda m: len(m.data.polygons))
     corners = [o.matrix_world @ Vector(c) for c in o.bound_box]
     lo = [min(v[k] for v in corners) for k in range(3)]
     hi = [max(v[k] for v in corners) for k in range(3)]
     centre = Vector([(lo[k] + hi[k]) / 2 for k in range(3)])
     reach = max(hi[k] - lo[k] for k in range(3))
+    colliders = [m for m in meshes if is_collider(m.name)]
+    for k, c in enumerate(colliders):
+        c.location.x += 1.2 * (hi[0] - lo[0])  # beside the asset, along Blender's +X
+        mat = bpy.data.materials.new(f"collider{k}")
+        hue = (0.13 * k) % 1.0
+        mat.diffuse_color = (*[0.35 + 0.5 * abs(((hue * 6 + off) % 6) - 3) / 3 for off in (0, 4, 2)], 1.0)
+        c.data.materials.append(mat)
+    if colliders:
+        centre.x += 0.6 * (hi[0] - lo[0])
+        reach *= 1.8
     scn.render.engine = "BLENDER_EEVEE"
     scn.render.resolution_x = scn.render.resolution_y = size
     scn.world = bpy.data.worlds.new("world")
