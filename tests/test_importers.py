@@ -13,6 +13,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -33,19 +34,22 @@ def _blender() -> str:
 
 
 def _ball(n: int = 4000) -> Gaussians:
+    """A ball: red on +X, blue on −X, a green cap on +Y (so handedness and up both show)."""
     g = torch.Generator().manual_seed(0)
     d = torch.randn(n, 3, generator=g)
     d = d / d.norm(dim=1, keepdim=True)
     rgb = torch.where(d[:, :1] > 0, torch.tensor([[0.9, 0.1, 0.1]]), torch.tensor([[0.1, 0.1, 0.9]]))
+    rgb = torch.where(d[:, 1:2] > 0.6, torch.tensor([[0.1, 0.8, 0.1]]), rgb)
     return Gaussians(means=d * 0.5, scales=torch.full((n, 3), math.log(0.03)),
                      quats=torch.tensor([[1.0, 0, 0, 0]]).repeat(n, 1),
                      opacities=torch.full((n,), 3.0), sh0=(rgb - 0.5) / C0,
                      shN=torch.zeros(n, 0, 3))
 
 
-@pytest.mark.slow  # one draft mesh run (~15 s) and one Blender import (~10 s)
-def test_blender_imports_asset_lod_and_collider(tmp_path):
-    blender = _blender()
+@pytest.fixture(scope="module")
+def asset(tmp_path_factory) -> Path:
+    """ball.glb (1.5 m, a convex hull collider) and ball_lod1.glb from one draft mesh run."""
+    tmp_path = tmp_path_factory.mktemp("importers")
     ply = tmp_path / "ball.ply"
     save_ply(_ball(), ply)
     out = tmp_path / "ball.glb"
@@ -56,10 +60,16 @@ def test_blender_imports_asset_lod_and_collider(tmp_path):
         "--set", "export.preview=false", "--set", "export.collision=hull",
         "--set", "export.height=1.5"])
     assert r.exit_code == 0, r.output
+    return out
+
+
+@pytest.mark.slow  # one draft mesh run (~15 s) and one Blender import (~10 s)
+def test_blender_imports_asset_lod_and_collider(asset, tmp_path):
+    blender = _blender()
     report = tmp_path / "blender.json"
     proc = subprocess.run(
         [blender, "-b", "--factory-startup", "--python", str(ROOT / "benchmarks" / "blender_import.py"),
-         "--", str(report), str(out), str(tmp_path / "ball_lod1.glb")],
+         "--", str(report), str(asset), str(asset.with_name("ball_lod1.glb"))],
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and report.exists(), proc.stdout[-2000:] + proc.stderr[-2000:]
     files = {f["file"]: f for f in json.loads(report.read_text())["files"]}
@@ -76,3 +86,33 @@ def test_blender_imports_asset_lod_and_collider(tmp_path):
     assert main["min_z"] == pytest.approx(0.0, abs=2e-3)
     assert lod["size_xyz"][2] == pytest.approx(1.5, rel=0.03) and 0 <= lod["min_z"] < 0.03
     assert main["faces"] == 2000 and 900 <= lod["faces"] <= 1000
+
+
+@pytest.mark.slow  # the shared draft mesh run, then ~2 s of Chromium
+def test_threejs_draws_the_asset_the_right_way_round(asset, tmp_path):
+    """three.js's GLTFLoader in headless Chromium, camera at the front (+Z) with +Y up: the ball's
+    +X (red) is on the right, −X (blue) on the left, its +Y cap (green) on top, the collider
+    hidden (it would cover the ball in flat grey)."""
+    from PIL import Image
+
+    from tdgen.testing import threejs_render
+
+    if not threejs_render.available():
+        if os.environ.get("CI") and not os.environ.get("TDGEN_CI_NO_CHROMIUM"):
+            pytest.fail("chromium or node_modules/three is missing in CI; .ci/run installs "
+                        "Debian's chromium and npm ci installs three")
+        pytest.skip("needs chromium (apt-get install chromium) and npm ci")
+    png = threejs_render.render_glb(asset, tmp_path / "three.png", size=256)
+    img = np.asarray(Image.open(png).convert("RGB").resize((128, 128), Image.BILINEAR),
+                     dtype=np.float32) / 255.0  # [128, 128, 3]
+    grey = np.abs(img - 128 / 255).max(-1) < 0.03
+    assert (~grey).mean() > 0.15  # the model covers a good part of the frame
+
+    def share(region, channel):  # fraction of the region's model pixels dominated by `channel`
+        px = region[~np.abs(region - 128 / 255).max(-1).__lt__(0.03)]
+        others = [c for c in range(3) if c != channel]
+        return float(((px[:, channel] > px[:, others].max(1) + 0.2)).mean()) if len(px) else 0.0
+
+    left, right, top = img[48:96, :56], img[48:96, 72:], img[:40]
+    assert share(right, 0) > 0.6 and share(left, 2) > 0.6, (share(right, 0), share(left, 2))
+    assert share(top, 1) > 0.4, share(top, 1)
