@@ -275,6 +275,7 @@ def batch(
     backend: str = typer.Option("local", "--backend", help='local, or ray (pip install "tdgen\\[ray]"; honours RAY_ADDRESS).'),
     workers: Optional[int] = typer.Option(None, "--workers", help="Ray: number of actors (default: one per GPU, else 1)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON line per asset on stdout as it finishes, then a summary line."),
+    report: bool = typer.Option(False, "--report", help="Write report.html (cards with previews and 3D views) and report.md into the output folder."),
 ) -> None:
     """Generate every asset of a prompt list or manifest; only what changed is regenerated."""
     from tdgen import batch as b
@@ -326,6 +327,7 @@ def batch(
             why = f" — {escape(r.reason)}" if r.status == "failed" else ""
             bars.console.print(f"[{colour}]{r.status:<7}[/] {r.name} ({r.seconds:.1f} s){why}", highlight=False)
 
+        had_sidecar = {a.name: b.read_sidecar(out_dir, a.name) is not None for a in assets} if report else {}
         try:
             summary = b.run_batch(
                 assets, out_dir, force=force, device=device, gpus=gpu_list, backend=backend,
@@ -338,6 +340,9 @@ def batch(
             typer.echo(json.dumps(summary.to_json()))
         s = summary.to_json()
         err.print(f"{s['done']} done, {s['skipped']} skipped, {s['failed']} failed in {summary.seconds:.1f} s → {out_dir}")
+        if report:
+            page, md = b.write_report(summary, assets, out_dir, had_sidecar)
+            err.print(f"report: {page} and {md} (serve the folder, e.g. python -m http.server, for the 3D views)")
         summary.raise_for_failures()
 
     _run(go)

@@ -837,3 +837,61 @@ def test_two_concurrent_batches_into_one_folder(tmp_path, tiny_model_dir):
         side = json.loads((out / f"{name}.tdgen.json").read_text())
         assert all(sha256_file(out / rel) == h for rel, h in side["files"].items())
     assert no_temps(out)
+
+
+# --------------------------------------------------------------------------------------------
+# The review report
+
+
+def _report_rows(out: Path) -> dict[str, dict]:
+    return {r["name"]: r for r in json.loads((out / "report_assets" / "rows.json").read_text())}
+
+
+def test_report_cards_say_new_changed_skipped_failed(tmp_path, fakes):
+    src = write(tmp_path / "p.txt", THREE.replace("a medieval barrel", "a FAIL barrel"))
+    out = tmp_path / "out"
+    r = cli([str(src), "-o", str(out), "--report"])
+    assert r.exit_code == 5 and "report.html" in r.output  # written even when an asset failed
+    rows = _report_rows(out)
+    assert {n: x["status"] for n, x in rows.items()} == {
+        "chair": "new", "barrel": "failed", "a_glass_potion_bottle": "new"}
+    assert "stand-in failure" in rows["barrel"]["reason"] and rows["barrel"]["glb"] == ""
+    page = (out / "report.html").read_text()
+    assert page.count('<div class="card"') == 3 and page.count("<model-viewer ") == 2
+    assert 'src="chair.glb"' in page and 'poster="chair.preview.png"' in page
+    assert "a red wooden chair" in page and "seed " in page and "standard" in page
+    assert (out / "report_assets" / "model-viewer-umd.min.js").stat().st_size > 500_000
+    md = (out / "report.md").read_text()
+    assert "| barrel | failed | a FAIL barrel |" in md and "3 assets: 2 new, 0 changed, 0 skipped, 1 failed" in md
+
+    # Second run: the chair's prompt changed, the barrel fixed (never made: new), the potion as it was.
+    write(src, THREE.replace("a red wooden chair", "a blue wooden chair"))
+    assert cli([str(src), "-o", str(out), "--report"]).exit_code == 0
+    rows = _report_rows(out)
+    assert {n: x["status"] for n, x in rows.items()} == {
+        "chair": "changed", "barrel": "new", "a_glass_potion_bottle": "skipped"}
+    assert "| a_glass_potion_bottle | skipped |" in (out / "report.md").read_text()
+    assert no_temps(out)
+
+
+def test_report_page_loads_its_models_in_chromium(tmp_path, fakes):
+    """Served over HTTP, headless Chromium loads the page, model-viewer draws every model (the
+    page title counts the load events), and the cards are on screen."""
+    from tdgen.testing import threejs_render
+
+    if threejs_render.chromium() is None:
+        if os.environ.get("CI") and not os.environ.get("TDGEN_CI_NO_CHROMIUM"):
+            pytest.fail("chromium is missing in CI; .ci/run installs Debian's chromium")
+        pytest.skip("needs chromium (apt-get install chromium)")
+    import numpy as np
+    from PIL import Image
+
+    src = write(tmp_path / "p.txt", THREE)
+    out = tmp_path / "out"
+    assert cli([str(src), "-o", str(out), "--report"]).exit_code == 0
+    shot = tmp_path / "report.png"
+    with threejs_render.serve(out) as url:
+        dom = threejs_render.capture(f"{url}/report.html", shot, 900, 700)
+    assert "3/3 models loaded" in dom, dom[:500]
+    img = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float32)
+    assert img.shape[:2] == (700, 900) and img.std() > 10  # cards and models, not a blank page

@@ -36,6 +36,7 @@ a failed asset leaves its previous files and sidecar as they were, and an asset 
 sidecar is simply regenerated.
 """
 
+from tdgen.batch.report import write_report
 from tdgen.batch.runners import AssetResult, AssetRunner, BatchSummary, Status, run_batch
 from tdgen.batch.specs import (
     MANIFEST_ASSET_KEYS,
@@ -69,5 +70,5 @@ __all__ = [
     "MANIFEST_TOP_KEYS", "NAME_MAX", "SAFE_NAME", "SIDECAR_FORMAT", "SIDECAR_SUFFIX", "Status",
     "check_name", "inputs_hash", "is_current", "load_batch_file", "model_key", "parse_manifest",
     "parse_prompt_list", "plan_assets", "read_sidecar", "run_batch", "select_assets",
-    "sidecar_path", "slugify", "stable_seed", "write_sidecar",
+    "sidecar_path", "slugify", "stable_seed", "write_report", "write_sidecar",
 ]

@@ -63,6 +63,8 @@ class Asset:
     inputs_sha256: str = ""
     model_key: Mapping[str, Any] = field(default_factory=dict)
     """The cheap model fingerprint hashed into `inputs_sha256` (see :func:`model_key`)."""
+    preset: str = "standard"
+    """The preset its config was resolved from (shown in the batch report)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,7 +323,8 @@ def plan_assets(
         if cfg.model not in keys:
             keys[cfg.model] = model_key(cfg.model)
         mk = keys[cfg.model]
-        assets.append(Asset(s.name, s.prompt, cfg, s.where, inputs_hash(s.prompt, cfg, mk), mk))
+        assets.append(Asset(s.name, s.prompt, cfg, s.where, inputs_hash(s.prompt, cfg, mk), mk,
+                            preset or s.preset or "standard"))
     return assets
 
 

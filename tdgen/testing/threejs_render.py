@@ -13,6 +13,7 @@ a directional light (unlit materials ignore both).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import http.server
 import shutil
@@ -81,37 +82,62 @@ class _Quiet(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+@contextlib.contextmanager
+def serve(folder: str | Path):
+    """A local HTTP server for `folder` on a free port; yields its base URL."""
+    handler = functools.partial(_Quiet, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def capture(url: str, out_png: str | Path | None, width: int, height: int,
+            timeout: float = 120.0, budget_ms: int = 20000) -> str:
+    """Load `url` in headless Chromium (SwiftShader WebGL), let its scripts run for `budget_ms`
+    of virtual time, save a `width`×`height` screenshot to `out_png` if given, and return the
+    page's DOM afterwards (its title included)."""
+    exe = chromium()
+    if exe is None:
+        raise RuntimeError("needs chromium on PATH (apt-get install chromium)")
+    with tempfile.TemporaryDirectory(prefix="tdgen-chromium-") as profile:
+        base = [exe, "--headless", "--no-sandbox", "--disable-gpu-sandbox", "--use-angle=swiftshader",
+                "--enable-unsafe-swiftshader", "--hide-scrollbars", f"--window-size={width},{height}",
+                f"--virtual-time-budget={budget_ms}", f"--user-data-dir={profile}"]
+        if out_png is not None:
+            out_png = Path(out_png).resolve()
+            proc = subprocess.run(base + [f"--screenshot={out_png}", url], capture_output=True,
+                                  text=True, timeout=timeout)
+            if proc.returncode != 0 or not out_png.is_file():
+                raise RuntimeError(f"chromium failed ({proc.returncode}): {proc.stderr[-1500:]}")
+        proc = subprocess.run(base + ["--dump-dom", url], capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"chromium failed ({proc.returncode}): {proc.stderr[-1500:]}")
+        return proc.stdout
+
+
 def render_glb(glb: str | Path, out_png: str | Path, size: int = 256, timeout: float = 120.0) -> Path:
     """Screenshot of `glb` drawn by three.js in headless Chromium → `out_png` (RGB(A) PNG),
     `size` ≥ 256 pixels square (headless Chromium lays out smaller windows wider than asked, so
     the screenshot would crop the canvas)."""
     if size < 256:
         raise ValueError(f"size must be at least 256, got {size}")
-    exe = chromium()
-    if exe is None or not (THREE / "build" / "three.module.js").is_file():
+    if not available():
         raise RuntimeError("needs chromium on PATH and node_modules/three (npm ci)")
     with tempfile.TemporaryDirectory(prefix="tdgen-three-") as tmp:
         site = Path(tmp)
         (site / "index.html").write_text(PAGE.replace("__SIZE__", str(int(size))))
         shutil.copyfile(glb, site / "asset.glb")
         (site / "three").symlink_to(THREE, target_is_directory=True)
-        handler = functools.partial(_Quiet, directory=str(site))
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        try:
-            out_png = Path(out_png).resolve()
-            cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu-sandbox", "--use-angle=swiftshader",
-                   "--enable-unsafe-swiftshader", "--hide-scrollbars", f"--window-size={size},{size}",
-                   "--virtual-time-budget=20000", f"--user-data-dir={site / 'profile'}",
-                   f"--screenshot={out_png}", f"http://127.0.0.1:{server.server_address[1]}/index.html"]
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-            if proc.returncode != 0 or not out_png.is_file():
-                raise RuntimeError(f"chromium failed ({proc.returncode}): {proc.stderr[-1500:]}")
-        finally:
-            server.shutdown()
-            server.server_close()
-    return out_png
+        with serve(site) as url:
+            dom = capture(f"{url}/index.html", out_png, size, size, timeout)
+        if "<title>rendered</title>" not in dom:
+            raise RuntimeError(f"three.js did not draw {glb}: {dom[:300]}")
+    return Path(out_png)
 
 
 def main() -> None:
