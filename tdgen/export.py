@@ -165,13 +165,9 @@ def build_glb(mesh: Mesh, png: bytes, name: str, unlit: bool,
     with an untextured, position-only mesh named by `collision_node_name`."""
     import pygltflib as gl
 
-    positions = np.ascontiguousarray(mesh.vertices, dtype=np.float32)  # [V, 3]
     normals = _unit_normals(mesh.normals)  # [V, 3]
     uvs = np.ascontiguousarray(mesh.uvs, dtype=np.float32)  # [V, 2]
-    n_vert = len(positions)
-    # 65535 is the primitive-restart value, so uint16 holds indices 0..65534 only.
-    index_dtype, index_type = (np.uint16, _UINT16) if n_vert < 65535 else (np.uint32, _UINT32)
-    indices = np.ascontiguousarray(mesh.faces, dtype=index_dtype).reshape(-1)  # [3F]
+    n_vert = len(mesh.vertices)
 
     blob = bytearray()
     views: list[gl.BufferView] = []
@@ -184,42 +180,40 @@ def build_glb(mesh: Mesh, png: bytes, name: str, unlit: bool,
         blob.extend(b"\x00" * (-len(blob) % 4))  # every view starts 4-byte aligned
         return len(views) - 1
 
-    accessors = [
-        gl.Accessor(
-            bufferView=add_view(positions.tobytes(), _ARRAY_BUFFER), componentType=_FLOAT,
-            count=n_vert, type="VEC3",
-            min=[float(x) for x in positions.min(0)], max=[float(x) for x in positions.max(0)],
-        ),
-        gl.Accessor(
-            bufferView=add_view(normals.tobytes(), _ARRAY_BUFFER), componentType=_FLOAT,
-            count=n_vert, type="VEC3",
-        ),
-        gl.Accessor(
-            bufferView=add_view(uvs.tobytes(), _ARRAY_BUFFER), componentType=_FLOAT,
-            count=n_vert, type="VEC2",
-        ),
-        gl.Accessor(
-            bufferView=add_view(indices.tobytes(), _ELEMENT_ARRAY_BUFFER),
-            componentType=index_type, count=int(indices.size), type="SCALAR",
-        ),
-    ]
+    accessors: list[gl.Accessor] = []
+
+    def add_positions(v: np.ndarray) -> int:  # [V, 3] → accessor index (with the bounds glTF needs)
+        v = np.ascontiguousarray(v, dtype=np.float32)
+        accessors.append(gl.Accessor(
+            bufferView=add_view(v.tobytes(), _ARRAY_BUFFER), componentType=_FLOAT, count=len(v),
+            type="VEC3", min=[float(x) for x in v.min(0)], max=[float(x) for x in v.max(0)]))
+        return len(accessors) - 1
+
+    def add_indices(faces: np.ndarray, n_vertices: int) -> int:  # [F, 3] → accessor index
+        # 65535 is the primitive-restart value, so uint16 holds indices 0..65534 only.
+        dtype, ctype = (np.uint16, _UINT16) if n_vertices < 65535 else (np.uint32, _UINT32)
+        idx = np.ascontiguousarray(faces, dtype=dtype).reshape(-1)  # [3F]
+        accessors.append(gl.Accessor(
+            bufferView=add_view(idx.tobytes(), _ELEMENT_ARRAY_BUFFER), componentType=ctype,
+            count=int(idx.size), type="SCALAR"))
+        return len(accessors) - 1
+
+    add_positions(mesh.vertices)  # 0
+    accessors.append(gl.Accessor(  # 1
+        bufferView=add_view(normals.tobytes(), _ARRAY_BUFFER), componentType=_FLOAT,
+        count=n_vert, type="VEC3"))
+    accessors.append(gl.Accessor(  # 2
+        bufferView=add_view(uvs.tobytes(), _ARRAY_BUFFER), componentType=_FLOAT,
+        count=n_vert, type="VEC2"))
+    add_indices(mesh.faces, n_vert)  # 3
     image_view = add_view(png, None)
 
     extra_nodes, extra_meshes = [], []
     for k, (cv, cf) in enumerate(collision):
-        cv = np.ascontiguousarray(cv, dtype=np.float32)
-        ci = np.ascontiguousarray(cf, dtype=np.uint16 if len(cv) < 65535 else np.uint32).reshape(-1)
-        accessors.append(gl.Accessor(
-            bufferView=add_view(cv.tobytes(), _ARRAY_BUFFER), componentType=_FLOAT, count=len(cv),
-            type="VEC3", min=[float(x) for x in cv.min(0)], max=[float(x) for x in cv.max(0)]))
-        accessors.append(gl.Accessor(
-            bufferView=add_view(ci.tobytes(), _ELEMENT_ARRAY_BUFFER),
-            componentType=_UINT16 if ci.dtype == np.uint16 else _UINT32, count=int(ci.size),
-            type="SCALAR"))
         node_name = collision_node_name(name, k, collision_names)
-        extra_meshes.append(gl.Mesh(name=node_name, primitives=[gl.Primitive(
-            attributes=gl.Attributes(POSITION=len(accessors) - 2), indices=len(accessors) - 1,
-            mode=gl.TRIANGLES)]))
+        primitive_k = gl.Primitive(attributes=gl.Attributes(POSITION=add_positions(cv)),
+                                   indices=add_indices(cf, len(cv)), mode=gl.TRIANGLES)
+        extra_meshes.append(gl.Mesh(name=node_name, primitives=[primitive_k]))
         extra_nodes.append(gl.Node(name=node_name, mesh=1 + k))
 
     material = gl.Material(
@@ -293,12 +287,14 @@ def export_glb(mesh: Mesh, texture, cfg: ExportConfig, path: str | os.PathLike,
 
     offset, scale = place_for_export(mesh.vertices, cfg.height)
 
+    def place(v: np.ndarray) -> np.ndarray:  # [V, 3] in the mesh's frame → exported
+        return ((v.astype(np.float64) - offset) * scale).astype(np.float32)
+
     def placed(m: Mesh) -> Mesh:
-        v = ((m.vertices.astype(np.float64) - offset) * scale).astype(np.float32)
-        return Mesh(vertices=v, faces=m.faces, normals=m.normals, uvs=m.uvs)
+        return Mesh(vertices=place(m.vertices), faces=m.faces, normals=m.normals, uvs=m.uvs)
 
     unlit = cfg.shading == "unlit"
-    pieces = [(((v.astype(np.float64) - offset) * scale).astype(np.float32), f) for v, f in collision]
+    pieces = [(place(v), f) for v, f in collision]
     outputs: list[tuple[Path, bytes]] = [(path, build_glb(placed(mesh), png, path.stem, unlit,
                                                           pieces, cfg.collision_names))]
     if lods is not None:
