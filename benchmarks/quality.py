@@ -210,18 +210,48 @@ class OracleGuidance:
     an MSE's gradients fade as the error shrinks, so densification would rarely fire.
     """
 
-    def __init__(self, ref: Reference, device: torch.device, kind: str = "l1", weight: float = 1.0):
+    def __init__(self, ref: Reference, device: torch.device, kind: str = "l1", weight: float = 1.0,
+                 detail: float = 0.0):
         self.mesh = ref.mesh
         self.texture = torch.from_numpy(ref.texture).to(device)  # [S, S, 3]
         self.kind = kind
         self.weight = weight
+        self.detail = detail
         self.calls = 0
 
     def target(self, cams, backgrounds: Tensor) -> Tensor:  # [B, 3] → [B, 3, H, W]
         from tdgen.raster import render_mesh
 
         with torch.no_grad():
+            if self.detail > 0:
+                return self._detailed(cams, backgrounds)
             rgb, _ = render_mesh(self.mesh, self.texture, cams, backgrounds)  # [B, H, W, 3]
+        return rgb.permute(0, 3, 1, 2)
+
+    def _detailed(self, cams, backgrounds: Tensor) -> Tensor:  # [B, 3] → [B, 3, H, W]
+        """The reference's colours times 1 ± `detail` of a fixed 3D pattern (6–15 cm waves in
+        world space). Flat-coloured unlit faces give a photometric fit nothing but silhouettes
+        to place them by (any surface behind the silhouette renders the same image); a real
+        capture or a diffusion model's image always has shading or texture there."""
+        from tdgen.raster import interpolate, rasterize, sample_texture
+
+        dev = cams.viewmats.device
+        faces = torch.as_tensor(np.asarray(self.mesh.faces), device=dev).long()
+        verts = torch.as_tensor(np.asarray(self.mesh.vertices), device=dev).float()
+        uvs = torch.as_tensor(np.asarray(self.mesh.uvs), device=dev).float()
+        r = rasterize(verts, faces, cams)
+        mask = (r.face_id >= 0)[..., None]  # [B, H, W, 1]
+        colour = sample_texture(self.texture.to(dev), interpolate(uvs, faces, r))  # [B, H, W, 3]
+        pos = interpolate(verts, faces, r)  # [B, H, W, 3] world
+        gen = torch.Generator().manual_seed(7)
+        dirs = torch.nn.functional.normalize(torch.randn(6, 3, generator=gen), dim=-1)
+        period = 0.06 + 0.09 * torch.rand(6, generator=gen)
+        phase = 2 * math.pi * torch.rand(6, generator=gen)
+        k = (2 * math.pi / period[:, None] * dirs).to(dev)  # [6, 3]
+        wave = torch.sin(pos @ k.T + phase.to(dev)).mean(-1, keepdim=True) * math.sqrt(2.0)  # ~[-1, 1]
+        colour = (colour * (1.0 + self.detail * wave)).clamp(0, 1)
+        bg = torch.as_tensor(backgrounds, dtype=colour.dtype, device=dev).reshape(-1, 3)
+        rgb = torch.where(mask, colour, bg.expand(len(colour), 3)[:, None, None, :])
         return rgb.permute(0, 3, 1, 2)
 
     def loss(self, images: Tensor, cams, backgrounds: Tensor, progress: float) -> Tensor:
@@ -235,7 +265,8 @@ class OracleGuidance:
         return self.weight * F.mse_loss(images, target)
 
 
-def run_case_b(ref: Reference, cfg: Config, workdir: Path, device: torch.device) -> tuple[Path, dict, dict]:
+def run_case_b(ref: Reference, cfg: Config, workdir: Path, device: torch.device,
+               detail: float = 0.0) -> tuple[Path, dict, dict]:
     """Sphere init → `optimize_gaussians` with the oracle → `.ply` → `pipeline.mesh_from_splat`;
     returns the .glb, timings and stage-1 facts (Gaussians, loss at the start and end)."""
     from tdgen.gaussians import save_ply
@@ -243,7 +274,7 @@ def run_case_b(ref: Reference, cfg: Config, workdir: Path, device: torch.device)
     from tdgen.pipeline import mesh_from_splat
     from tdgen.runtime import make_generator
 
-    oracle = OracleGuidance(ref, device)
+    oracle = OracleGuidance(ref, device, detail=detail)
     t0 = time.perf_counter()
     s1 = optimize_gaussians(oracle, cfg.stage1, device, make_generator(cfg.seed, device))
     t_stage1 = time.perf_counter() - t0
@@ -416,7 +447,7 @@ def check_thresholds(case: str, metrics: dict[str, float], obj: str | None = Non
 
 
 def run(refs: list[Reference], cases: list[str], cfg: Config, sizes: Sizes, device: torch.device,
-        workdir: Path, smoke: bool, images: bool = False) -> list[dict[str, Any]]:
+        workdir: Path, smoke: bool, images: bool = False, detail: float = 0.0) -> list[dict[str, Any]]:
     rows = []
     for ref in refs:
         for case in cases:
@@ -427,7 +458,7 @@ def run(refs: list[Reference], cases: list[str], cfg: Config, sizes: Sizes, devi
                 if case == "A":
                     glb, timings, counts = run_case_a(ref, cfg, sizes, workdir, device)
                 else:
-                    glb, timings, counts = run_case_b(ref, cfg, workdir, device)
+                    glb, timings, counts = run_case_b(ref, cfg, workdir, device, detail)
                 img = workdir / f"{ref.name}_{case}.compare.png" if images else None
                 row.update(measure(glb, ref, cfg, sizes, device, img))
                 row["timings"] = {k: round(v, 3) for k, v in timings.items()}
@@ -467,6 +498,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, default=None, help="keep outputs here (default: a temp dir)")
     ap.add_argument("--images", action="store_true", help="write reference-vs-result PNGs in --workdir")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--detail", type=float, default=0.0, metavar="A",
+                    help="case B: the oracle's colours get a ±A 3D pattern (0 = the references' own, "
+                         "flat-coloured faces included)")
     ap.add_argument("--preset", default="standard", help="preset of the full-size run (not --smoke)")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="config override, e.g. mesh.method=density (repeatable)")
@@ -493,7 +527,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="tdgen-quality-") as tmp:
         workdir = args.workdir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        rows = run(refs, cases, cfg, sizes, device, workdir, args.smoke, images=args.images)
+        rows = run(refs, cases, cfg, sizes, device, workdir, args.smoke, images=args.images,
+                   detail=args.detail)
     for r in rows:
         r["status"] = "ERROR" if "error" in r else ("ok" if r.get("passed", True) else "FAIL")
     print(format_table(rows, TABLE), file=sys.stderr)

@@ -110,6 +110,11 @@ class Stage1Config:
     `grow_grad2d`)."""
     prune_opacity: float = 0.01
     """Gaussians below this opacity are pruned at each densify round."""
+    opacity_reset_every: int = 0
+    """Steps between opacity resets while densifying (3DGS resets every 3000 of 30 000 steps):
+    every opacity drops to 2 × `prune_opacity`, so Gaussians no view needs (floaters filling a
+    concavity) stay faint and are pruned, while the rest regain theirs within a few hundred steps.
+    0 never resets."""
 
 
 @dataclass(frozen=True)
@@ -493,6 +498,7 @@ LIMITS: dict[str, tuple[float, float, str]] = {
     "stage1.densify_every": (1, 1_000_000, ""),
     "stage1.densify_grad": (0.0, 1.0, ""),
     "stage1.prune_opacity": (0.0, 1.0, ""),
+    "stage1.opacity_reset_every": (0, 1_000_000, "0 never resets"),
     "mesh.grid": (16, 512, "memory grows with its cube"),
     "mesh.views": (4, 1024, "depth views of the fusion surface"),
     "mesh.view_resolution": (32, 2048, "memory grows with its square"),

@@ -64,7 +64,7 @@ def optimize_gaussians(guidance, cfg: Stage1Config, device, generator: torch.Gen
     """Run stage 1 for `cfg.steps` steps; `guidance.loss(images [B,3,H,W], cams, backgrounds [B,3],
     progress)` is the only thing the loop knows about the objective."""
     from gsplat.strategy import DefaultStrategy
-    from gsplat.strategy.ops import remove
+    from gsplat.strategy.ops import remove, reset_opa
 
     t0 = time.perf_counter()
     device = torch.device(device)
@@ -88,8 +88,12 @@ def optimize_gaussians(guidance, cfg: Stage1Config, device, generator: torch.Gen
         refine_start_iter=int(cfg.densify_start * steps),
         refine_stop_iter=int(cfg.densify_stop * steps),
         refine_every=cfg.densify_every,
-        reset_every=steps + 1,  # never: no opacity reset within a run
+        # gsplat 1.5.3's own reset never fires (`step % every == 0 & step > 0` parses as a chained
+        # comparison ending in `0 > 0`), so the loop resets itself; the strategy's period still
+        # arms its prune of oversized splats after the first reset, as in 3DGS.
+        reset_every=cfg.opacity_reset_every or steps + 1,
     )
+    reset_stop = int(cfg.densify_stop * steps)
     strategy.check_sanity(params, optimizers)
     state = strategy.initialize_state(scene_scale=SCENE_EXTENT)
 
@@ -146,6 +150,10 @@ def optimize_gaussians(guidance, cfg: Stage1Config, device, generator: torch.Gen
 
             # 5. densify / prune, then the hard cap (drop the faintest splats)
             strategy.step_post_backward(params, optimizers, state, step, out.info, packed=False)
+            every = cfg.opacity_reset_every
+            if every and 0 < step < reset_stop and step % every == 0:
+                reset_opa(params=params, optimizers=optimizers, state=state,
+                          value=2.0 * cfg.prune_opacity)
             n = len(params["means"])
             if n > cfg.max_points:
                 with torch.no_grad():
