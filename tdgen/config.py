@@ -180,6 +180,10 @@ class TextureConfig:
     """Length of the DDIM schedule the SDEdit strength refers to."""
     refine_guidance_scale: float = 7.5
     """Classifier-free guidance scale of the img2img denoising."""
+    normal_map: bool = True
+    """Bake a tangent-space normal map (texture.size², glTF `normalTexture`, with `TANGENT`) from
+    the surface before decimation onto the decimated mesh, so lit renders keep the detail the
+    triangle budget removed. Renderers honouring `export.shading = "unlit"` ignore it."""
 
 
 @dataclass(frozen=True)

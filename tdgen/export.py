@@ -159,10 +159,12 @@ def collision_node_name(name: str, index: int, convention: str) -> str:
 
 def build_glb(mesh: Mesh, png: bytes, name: str, unlit: bool,
               collision: list[tuple[np.ndarray, np.ndarray]] = (),
-              collision_names: str = "godot") -> bytes:
+              collision_names: str = "godot", normal_png: bytes | None = None) -> bytes:
     """One scene → one node (no transform) → one mesh with one textured primitive, as .glb bytes;
     each `collision` piece (vertices [V, 3], faces [F, 3], already placed) one more root node
-    with an untextured, position-only mesh named by `collision_node_name`."""
+    with an untextured, position-only mesh named by `collision_node_name`. With `normal_png` (a
+    tangent-space normal map, `normalmap.bake_normal_map`) the material's `normalTexture` and the
+    primitive's `TANGENT` (`normalmap.vertex_tangents`, the frame the map was baked in)."""
     import pygltflib as gl
 
     normals = _unit_normals(mesh.normals)  # [V, 3]
@@ -206,7 +208,19 @@ def build_glb(mesh: Mesh, png: bytes, name: str, unlit: bool,
         bufferView=add_view(uvs.tobytes(), _ARRAY_BUFFER), componentType=_FLOAT,
         count=n_vert, type="VEC2"))
     add_indices(mesh.faces, n_vert)  # 3
+    tangent = None
+    if normal_png is not None:
+        from tdgen.normalmap import vertex_tangents
+
+        # Exported, not left to the client: three.js does not compute MikkTSpace without it
+        # (it falls back to screen-space derivatives), and the map is baked in exactly this frame.
+        t = np.ascontiguousarray(vertex_tangents(mesh), dtype=np.float32)  # [V, 4]
+        accessors.append(gl.Accessor(
+            bufferView=add_view(t.tobytes(), _ARRAY_BUFFER), componentType=_FLOAT,
+            count=n_vert, type="VEC4"))
+        tangent = len(accessors) - 1
     image_view = add_view(png, None)
+    normal_view = add_view(normal_png, None) if normal_png is not None else None
 
     extra_nodes, extra_meshes = [], []
     for k, (cv, cf) in enumerate(collision):
@@ -223,13 +237,14 @@ def build_glb(mesh: Mesh, png: bytes, name: str, unlit: bool,
             metallicFactor=0.0,
             roughnessFactor=0.9,
         ),
+        normalTexture=None if normal_png is None else gl.NormalMaterialTexture(index=1, texCoord=0),
         alphaMode="OPAQUE",
         doubleSided=False,
         # Lighting is baked into the texture; unlit tells engines not to light it a second time.
         extensions={_UNLIT: {}} if unlit else {},
     )
     primitive = gl.Primitive(
-        attributes=gl.Attributes(POSITION=0, NORMAL=1, TEXCOORD_0=2),
+        attributes=gl.Attributes(POSITION=0, NORMAL=1, TEXCOORD_0=2, TANGENT=tangent),
         indices=3,
         material=0,
         mode=gl.TRIANGLES,
@@ -242,13 +257,16 @@ def build_glb(mesh: Mesh, png: bytes, name: str, unlit: bool,
         nodes=[gl.Node(name=name, mesh=0), *extra_nodes],  # identity: no matrix, no TRS
         meshes=[gl.Mesh(name=name, primitives=[primitive]), *extra_meshes],
         materials=[material],
-        textures=[gl.Texture(name=f"{name}_basecolor", sampler=0, source=0)],
+        textures=[gl.Texture(name=f"{name}_basecolor", sampler=0, source=0)]
+        + ([gl.Texture(name=f"{name}_normal", sampler=0, source=1)] if normal_view is not None else []),
         samplers=[
             gl.Sampler(
                 magFilter=_LINEAR, minFilter=_LINEAR_MIPMAP_LINEAR, wrapS=_REPEAT, wrapT=_REPEAT
             )
         ],
-        images=[gl.Image(name=f"{name}_basecolor", mimeType="image/png", bufferView=image_view)],
+        images=[gl.Image(name=f"{name}_basecolor", mimeType="image/png", bufferView=image_view)]
+        + ([gl.Image(name=f"{name}_normal", mimeType="image/png", bufferView=normal_view)]
+           if normal_view is not None else []),
         accessors=accessors,
         bufferViews=views,
         buffers=[gl.Buffer(byteLength=len(blob))],
@@ -264,12 +282,14 @@ def lod_path(path: Path, level: int) -> Path:
 
 
 def export_glb(mesh: Mesh, texture, cfg: ExportConfig, path: str | os.PathLike,
-               lods: list[tuple[Mesh, object]] | None = None,
-               collision: list[tuple[np.ndarray, np.ndarray]] = ()) -> ExportResult:
-    """Write `mesh` with `texture` [S, S, 3] (float in [0, 1] or uint8, row 0 = top) to `path`.
+               lods: list[tuple] | None = None,
+               collision: list[tuple[np.ndarray, np.ndarray]] = (),
+               normal_map=None) -> ExportResult:
+    """Write `mesh` with `texture` [S, S, 3] (float in [0, 1] or uint8, row 0 = top) to `path`,
+    and `normal_map` [S', S', 3] (tangent-space, same layout) as its normal texture if given.
 
     The asset is re-centred (pivot at the bottom centre) and uniformly scaled to `cfg.height`
-    metres; `cfg.lods` extra files follow: `lods` (mesh, texture) pairs made by the caller (the
+    metres; `cfg.lods` extra files follow: `lods` (mesh, texture[, normal map]) made by the caller (the
     pipeline re-unwraps each level), or else each level decimated from the previous keeping its
     UVs and the same texture (which stops halving once the seams dominate). Every LOD is placed
     exactly like the main mesh, so they line up. `collision` pieces (`collision.collision_shapes`,
@@ -295,17 +315,22 @@ def export_glb(mesh: Mesh, texture, cfg: ExportConfig, path: str | os.PathLike,
 
     unlit = cfg.shading == "unlit"
     pieces = [(place(v), f) for v, f in collision]
+    normal_png = None if normal_map is None else encode_png(texture_to_uint8(normal_map))
     outputs: list[tuple[Path, bytes]] = [(path, build_glb(placed(mesh), png, path.stem, unlit,
-                                                          pieces, cfg.collision_names))]
+                                                          pieces, cfg.collision_names, normal_png))]
     if lods is not None:
         if len(lods) != cfg.lods:
             raise ValueError(f"export.lods is {cfg.lods} but {len(lods)} LOD meshes were given")
-        for level, (lod, lod_tex) in enumerate(lods, start=1):
+        for level, (lod, lod_tex, *lod_normal) in enumerate(lods, start=1):
             if lod.uvs is None:
                 raise ValueError("every LOD mesh needs uvs")
             p = lod_path(path, level)
-            outputs.append((p, build_glb(placed(lod), encode_png(texture_to_uint8(lod_tex)), p.stem, unlit)))
+            lod_npng = (encode_png(texture_to_uint8(lod_normal[0]))
+                        if lod_normal and lod_normal[0] is not None else None)
+            outputs.append((p, build_glb(placed(lod), encode_png(texture_to_uint8(lod_tex)), p.stem,
+                                         unlit, normal_png=lod_npng)))
     else:
+        # Decimating keeps the uvs but not the surface the map was baked against: no normal map.
         lod = mesh
         for level in range(1, cfg.lods + 1):
             lod = decimate_keep_uvs(lod, max(1, lod.num_faces // 2))

@@ -133,11 +133,37 @@ LOD_MIN_TEXTURE = 128
 """LOD textures halve per level down to this size (texels)."""
 
 
-def _build_lods(surface: Mesh, textured: Mesh, texture, cfg: Config, dev) -> list[tuple[Mesh, object]]:
-    """`cfg.export.lods` (mesh, texture) levels, level k with 1/2^k of the triangles."""
+def _extract_surfaces(gaussians, cfg: Config, dev, timings: dict[str, float],
+                      on_progress: ProgressFn) -> tuple[Mesh, Mesh | None]:
+    """The decimated mesh, and (with `texture.normal_map`) the cleaned marching-cubes surface it
+    was decimated from, which the normal map is baked against (else None)."""
+    from dataclasses import replace
+
+    from tdgen.mesh import decimate, extract_mesh, vertex_normals
+
+    clock = _MeshClock(on_progress, timings)
+    if not cfg.texture.normal_map:
+        return extract_mesh(gaussians, cfg.mesh, dev, on_progress=clock), None
+    # extract_mesh with a budget it never reaches skips its decimation; the same decimate() with
+    # the real budget then gives exactly the mesh extract_mesh would have returned.
+    high = extract_mesh(gaussians, replace(cfg.mesh, triangles=2**62), dev, on_progress=clock)
+    # the clock charges this to mesh.decimate from the progress events, as for extract_mesh's own
+    on_progress = clock
+    on_progress(Progress("mesh", 2, 4, message=f"decimate {high.num_faces} → {cfg.mesh.triangles}"))
+    v, f = decimate(high.vertices, high.faces, cfg.mesh.triangles, cfg.mesh.min_component)
+    mesh = Mesh(vertices=v.astype(np.float32), faces=f, normals=vertex_normals(v, f))
+    on_progress(Progress("mesh", 4, 4, message=f"{mesh.num_faces} triangles"))
+    return mesh, high
+
+
+def _build_lods(surface: Mesh, textured: Mesh, texture, cfg: Config, dev,
+                high: Mesh | None = None) -> list[tuple[Mesh, object, object]]:
+    """`cfg.export.lods` (mesh, texture, normal map or None) levels, level k with 1/2^k of the
+    triangles; each normal map baked from `high` (the surface before decimation) when given."""
     from dataclasses import replace
 
     from tdgen.mesh import decimate, vertex_normals
+    from tdgen.normalmap import bake_normal_map
     from tdgen.texture import transfer_texture
     from tdgen.unwrap import unwrap_mesh
 
@@ -152,7 +178,9 @@ def _build_lods(surface: Mesh, textured: Mesh, texture, cfg: Config, dev) -> lis
         low = Mesh(vertices=v.astype(np.float32), faces=f, normals=vertex_normals(v, f))
         size = max(LOD_MIN_TEXTURE, int(cfg.texture.size) >> level)
         low = unwrap_mesh(low, replace(cfg.texture, size=size))
-        out.append((low, transfer_texture(textured, texture, low, size, device=dev, seed=cfg.seed)))
+        normal = None if high is None else bake_normal_map(high, low, cfg.texture, size)
+        out.append((low, transfer_texture(textured, texture, low, size, device=dev, seed=cfg.seed),
+                    normal))
     return out
 
 
@@ -311,7 +339,7 @@ def _stage2(
 ) -> None:
     from tdgen.collision import collision_shapes
     from tdgen.export import export_glb
-    from tdgen.mesh import extract_mesh
+    from tdgen.normalmap import bake_normal_map
     from tdgen.preview import write_preview, write_turntable
     from tdgen.refine import refine_texture
     from tdgen.texture import bake_texture
@@ -323,9 +351,10 @@ def _stage2(
     # Stage 1's frame whatever the splat's source (a captured scene in any unit, optionally cropped).
     gaussians = normalize_splat(gaussians.detach(), parse_crop(cfg.mesh.crop))
 
-    # a. splat → volume (depth fusion or density) → marching cubes → clean → decimate
+    # a. splat → volume (depth fusion or density) → marching cubes → clean → decimate; the
+    # normal map needs the surface before decimation too (`high`)
     with timer("mesh"):
-        mesh = extract_mesh(gaussians, cfg.mesh, dev, on_progress=_MeshClock(on_progress, result.timings))
+        mesh, high = _extract_surfaces(gaussians, cfg, dev, result.timings, on_progress)
 
     # b. UV atlas
     surface = mesh  # closed, seamless: what LODs are decimated from
@@ -345,12 +374,20 @@ def _stage2(
                 mesh, texture, model, embeddings, cfg.texture, dev, generator, on_progress=on_progress
             )
 
+    # d′. the fine surface's normals baked onto the decimated mesh, in its tangent frame
+    normal_map = None
+    if high is not None:
+        on_progress(Progress("normalmap", 0, 1))
+        with timer("normalmap"):
+            normal_map = bake_normal_map(high, mesh, cfg.texture)
+        on_progress(Progress("normalmap", 1, 1))
+
     # e. LODs: each level decimated from the closed surface, re-unwrapped at half the texture
     # size of the last, its texture transferred from the full asset's (refinement included)
     lods = None
     if cfg.export.lods > 0:
         with timer("lods"):
-            lods = _build_lods(surface, mesh, texture, cfg, dev)
+            lods = _build_lods(surface, mesh, texture, cfg, dev, high)
 
     # f. collision shapes from the closed surface (seamless: what a decomposition needs)
     collision = []
@@ -361,7 +398,8 @@ def _stage2(
     # g. the .glb (and LODs), then the preview people look at before importing
     on_progress(Progress("export", 0, 1))
     with timer("export"):
-        exported = export_glb(mesh, texture, cfg.export, out, lods=lods, collision=collision)
+        exported = export_glb(mesh, texture, cfg.export, out, lods=lods, collision=collision,
+                              normal_map=normal_map)
     result.outputs["glb"] = out
     for i, p in enumerate(exported.paths[1:], start=1):
         result.outputs[f"lod{i}"] = p

@@ -199,3 +199,45 @@ def test_validator_catches_a_broken_file(tmp_path, uv_mesh, texture):
     report = validate(broken)
     assert report["numErrors"] > 0
     assert any(m["code"] == "ACCESSOR_MAX_MISMATCH" for m in report["messages"])
+
+
+@pytest.mark.parametrize("shading", ["lit", "unlit"])
+def test_normal_map_adds_normal_texture_and_tangents(tmp_path, uv_mesh, texture, shading):
+    """A normal map is the material's normalTexture (its own image, texCoord 0) with TANGENT on
+    the primitive (unit xyz ⟂ NORMAL, w = ±1), validator-clean; LODs made by the caller carry
+    their own; without one neither appears."""
+    from tdgen.normalmap import vertex_tangents
+
+    normal = np.full((TEX, TEX, 3), [0.5, 0.5, 1.0], np.float32)
+    normal[:, : TEX // 2, 0] = 0.7  # something to see: not the flat colour everywhere
+    out = tmp_path / "rock.glb"
+    lod = unwrap_mesh(decimate_keep_uvs(uv_mesh, uv_mesh.num_faces // 2), TextureConfig(size=TEX))
+    export_glb(uv_mesh, texture, ExportConfig(shading=shading, lods=1), out,
+               lods=[(lod, texture, normal)], normal_map=normal)
+    for p, m in ((out, uv_mesh), (lod_path(out, 1), lod)):
+        report = validate(p)
+        assert report["numErrors"] == 0 and report["numWarnings"] == 0, report["messages"]
+        g = _gltf(p)
+        (mat,) = g.materials
+        assert mat.normalTexture.index == 1 and mat.normalTexture.texCoord == 0
+        assert g.textures[1].source == 1 and g.images[1].mimeType == "image/png"
+        prim = g.meshes[0].primitives[0]
+        a = g.accessors[prim.attributes.TANGENT]
+        assert (a.type, a.componentType, a.count) == ("VEC4", 5126, m.num_vertices)
+        blob = g.binary_blob()
+        view = g.bufferViews[a.bufferView]
+        t = np.frombuffer(blob[view.byteOffset:view.byteOffset + view.byteLength], np.float32).reshape(-1, 4)
+        np.testing.assert_allclose(t, vertex_tangents(m), atol=1e-4)  # placement keeps directions
+        from io import BytesIO
+
+        from PIL import Image
+
+        iv = g.bufferViews[g.images[1].bufferView]
+        img = np.asarray(Image.open(BytesIO(blob[iv.byteOffset:iv.byteOffset + iv.byteLength])))
+        np.testing.assert_array_equal(img, np.round(normal * 255).astype(np.uint8))
+
+    plain = tmp_path / "plain.glb"
+    export_glb(uv_mesh, texture, ExportConfig(shading=shading), plain)
+    g = _gltf(plain)
+    assert g.materials[0].normalTexture is None and len(g.images) == 1 and len(g.textures) == 1
+    assert g.meshes[0].primitives[0].attributes.TANGENT is None

@@ -169,10 +169,11 @@ def test_lods_halve_every_level_and_stay_closed():
     textured = unwrap_mesh(surface, cfg.texture)
     texture = torch.full((512, 512, 3), 0.25)
     lods = _build_lods(surface, textured, texture, cfg, torch.device("cpu"))
-    counts = [m.num_faces for m, _ in lods]
+    counts = [m.num_faces for m, _, _ in lods]
     assert all(0.9 * (5120 >> k) <= c <= (5120 >> k) for k, c in enumerate(counts, start=1)), counts
-    assert [t.shape[0] for _, t in lods] == [256, max(LOD_MIN_TEXTURE, 128), max(LOD_MIN_TEXTURE, 64)]
-    for m, t in lods:
+    assert [t.shape[0] for _, t, _ in lods] == [256, max(LOD_MIN_TEXTURE, 128), max(LOD_MIN_TEXTURE, 64)]
+    assert all(n is None for _, _, n in lods)  # no high-poly given: no normal maps
+    for m, t, _ in lods:
         tm = trimesh.Trimesh(m.vertices, m.faces, process=False)
         tm.merge_vertices(merge_tex=True, merge_norm=True)
         assert tm.is_watertight and tm.volume > 0
@@ -183,3 +184,33 @@ def test_lods_halve_every_level_and_stay_closed():
     cfg5 = dc_replace(cfg, export=dc_replace(cfg.export, lods=5))
     with pytest.raises(GenerationError, match="export.lods=5.*lower export.lods or raise mesh.triangles"):
         _build_lods(small, unwrap_mesh(small, cfg.texture), texture, cfg5, torch.device("cpu"))
+
+
+def test_normal_map_switch_keeps_the_mesh_and_adds_or_removes_the_map(tmp_path):
+    """texture.normal_map (on by default) writes normalTexture + TANGENT into the asset and its
+    LOD, validator-clean; off removes both; the decimated mesh is the same either way."""
+    import pygltflib
+
+    ply = tmp_path / "ball.ply"
+    save_ply(_two_colour_sphere(), ply)
+    meshes = {}
+    for on in (True, False):
+        out = tmp_path / f"ball_{on}.glb"
+        r = runner.invoke(app, ["mesh", str(ply), "-o", str(out), "--preset", "draft", "--device", "cpu",
+                                "--set", "mesh.grid=48", "--set", "texture.size=128",
+                                "--set", "texture.bake_resolution=64", "--set", "texture.bake_views=6",
+                                "--set", "mesh.triangles=600", "--set", "export.preview=false",
+                                "--set", "export.shading=lit", "--lods", "1",
+                                "--set", f"texture.normal_map={str(on).lower()}"])
+        assert r.exit_code == 0, r.output
+        for p in (out, out.with_name(out.stem + "_lod1.glb")):
+            _assert_valid_glb(p)
+            g = pygltflib.GLTF2().load(str(p))
+            prim = g.meshes[0].primitives[0]
+            assert (g.materials[0].normalTexture is not None) == on
+            assert (prim.attributes.TANGENT is not None) == on
+            assert len(g.images) == (2 if on else 1)
+        g = pygltflib.GLTF2().load(str(out))
+        pos = g.accessors[g.meshes[0].primitives[0].attributes.POSITION]
+        meshes[on] = (pos.count, pos.min, pos.max, g.accessors[g.meshes[0].primitives[0].indices].count)
+    assert meshes[True] == meshes[False]

@@ -58,6 +58,19 @@ new GLTFLoader().load("/asset.glb", (gltf) => {
   camera.up.set(0, 1, 0);
   camera.lookAt(centre);
   renderer.render(scene, camera);
+  // What the loader made of each drawn mesh's material, for tests (render_glb's `info`).
+  const meshes = [];
+  gltf.scene.traverse((o) => {
+    if (!o.isMesh || !o.visible) return;
+    const m = o.material;
+    meshes.push({ name: o.name, tangent: o.geometry.attributes.tangent !== undefined,
+                  normalMap: !!m.normalMap, normalScale: m.normalMap ? m.normalScale.toArray() : null,
+                  map: !!m.map, type: m.type });
+  });
+  const pre = document.createElement("pre");
+  pre.id = "info";
+  pre.textContent = JSON.stringify({ meshes });
+  document.body.appendChild(pre);
   document.title = "rendered";
 }, undefined, (err) => { document.title = "error: " + err; });
 </script></body></html>
@@ -120,10 +133,12 @@ def capture(url: str, out_png: str | Path | None, width: int, height: int,
         return proc.stdout
 
 
-def render_glb(glb: str | Path, out_png: str | Path, size: int = 256, timeout: float = 120.0) -> Path:
+def render_glb(glb: str | Path, out_png: str | Path, size: int = 256, timeout: float = 120.0,
+               info: dict | None = None) -> Path:
     """Screenshot of `glb` drawn by three.js in headless Chromium → `out_png` (RGB(A) PNG),
     `size` ≥ 256 pixels square (headless Chromium lays out smaller windows wider than asked, so
-    the screenshot would crop the canvas)."""
+    the screenshot would crop the canvas). A dict passed as `info` receives what the loader made:
+    `meshes`, one {name, tangent, normalMap, normalScale, map, type} per drawn mesh."""
     if size < 256:
         raise ValueError(f"size must be at least 256, got {size}")
     if not available():
@@ -137,6 +152,13 @@ def render_glb(glb: str | Path, out_png: str | Path, size: int = 256, timeout: f
             dom = capture(f"{url}/index.html", out_png, size, size, timeout)
         if "<title>rendered</title>" not in dom:
             raise RuntimeError(f"three.js did not draw {glb}: {dom[:300]}")
+        if info is not None:
+            import html
+            import json
+            import re
+
+            found = re.search(r'<pre id="info">(.*?)</pre>', dom, re.S)
+            info.update(json.loads(html.unescape(found.group(1))) if found else {})
     return Path(out_png)
 
 
