@@ -8,7 +8,8 @@ For every file: the object and mesh count, the object names and how many are col
 -convcolonly / Unreal's UCX_ names), vertices and faces, UV layers, size in Blender's
 Z-up frame (glTF +Y up arrives as Blender +Z: the height is the Z size), the lowest Z (0 for a
 bottom pivot), the images on the material with their colour space, and whether an image feeds
-the shader. With `--render DIR`, one Eevee view per file from the front-right (glTF +Z front is
+the shader, where the normal map goes (image colour space, Normal Map node → BSDF Normal) and
+how close the file's TANGENT is to Blender's own MikkTSpace tangents. With `--render DIR`, one Eevee view per file from the front-right (glTF +Z front is
 Blender −Y), 20° above. Prints and writes one JSON object.
 """
 
@@ -55,8 +56,71 @@ def inspect(path: str) -> dict:
         "shader_nodes": sorted({n.type for n in nodes}),
         "image_feeds_shader": bool(mat) and any(
             link.from_node.type == "TEX_IMAGE" for link in mat.node_tree.links),
+        "normal_map": normal_map(mat),
+        "tangents": tangent_agreement(o, path),
     })
     return rec
+
+
+def normal_map(mat) -> dict | None:
+    """Where the material's normal map goes: an image → Normal Map node (tangent space, which
+    UV map) → the BSDF's Normal input, and the image's colour space (Non-Color: data, not sRGB)."""
+    if not mat or not mat.node_tree:
+        return None
+    links = mat.node_tree.links
+    for node in mat.node_tree.nodes:
+        if node.type != "NORMAL_MAP":
+            continue
+        images = [l.from_node for l in links if l.to_node == node and l.to_socket.name == "Color"
+                  and l.from_node.type == "TEX_IMAGE"]
+        return {
+            "space": node.space, "uv_map": node.uv_map,
+            "image_colorspace": images[0].image.colorspace_settings.name if images else None,
+            "feeds_bsdf_normal": any(l.from_node == node and l.to_node.type == "BSDF_PRINCIPLED"
+                                     and l.to_socket.name == "Normal" for l in links),
+        }
+    return None
+
+
+def _glb_tangents(path: str):
+    """The file's TANGENT [V, 4] of its first mesh's first primitive, or None (a minimal .glb
+    reader: the importer does not keep tangents, Blender computes its own)."""
+    import struct
+
+    with open(path, "rb") as fh:
+        data = fh.read()
+    n_json = struct.unpack_from("<I", data, 12)[0]
+    gltf = json.loads(data[20:20 + n_json])
+    blob = data[20 + n_json + 8:]
+    index = gltf["meshes"][0]["primitives"][0]["attributes"].get("TANGENT")
+    if index is None:
+        return None
+    acc = gltf["accessors"][index]
+    view = gltf["bufferViews"][acc["bufferView"]]
+    start = view.get("byteOffset", 0) + acc.get("byteOffset", 0)
+    return numpy.frombuffer(blob, numpy.float32, acc["count"] * 4, start).reshape(-1, 4)
+
+
+def tangent_agreement(o, path: str) -> dict | None:
+    """How far the file's TANGENT is from the MikkTSpace tangents Blender computes itself (its
+    normal maps always use those) on every face corner: angles in degrees, and the share of
+    corners whose bitangent sign agrees. The importer keeps the file's vertex order."""
+    t = _glb_tangents(path)
+    if t is None:
+        return None
+    me = o.data
+    me.calc_normals_split()  # the file's normals (custom split normals): MikkTSpace's input
+    me.calc_tangents(uvmap=me.uv_layers.active.name)
+    ours = numpy.array([t[l.vertex_index] for l in me.loops])  # [L, 4], glTF frame
+    # glTF (x, y, z) arrives as Blender (x, −z, y)
+    theirs = numpy.array([(l.tangent[0], l.tangent[2], -l.tangent[1]) for l in me.loops])
+    sign = numpy.array([l.bitangent_sign for l in me.loops])
+    cos = numpy.clip((ours[:, :3] * theirs).sum(1) / numpy.maximum(
+        numpy.linalg.norm(theirs, axis=1), 1e-12), -1.0, 1.0)
+    deg = numpy.degrees(numpy.arccos(cos))
+    return {"corners": len(deg), "median_deg": round(float(numpy.median(deg)), 4),
+            "p99_deg": round(float(numpy.percentile(deg, 99)), 4), "max_deg": round(float(deg.max()), 4),
+            "sign_agree": round(float((numpy.sign(ours[:, 3]) == numpy.sign(sign)).mean()), 6)}
 
 
 def is_collider(name: str) -> bool:
