@@ -76,7 +76,70 @@ def decimate(vertices: np.ndarray, faces: np.ndarray, target: int,
         best = best or (v, f)
         if _manifold_edges(v, f):
             return v, f
-    return best
+    # Thin, ragged parts (a slab one fused voxel thick in places) pinch at every budget; cut the
+    # pinches out and cap the holes instead.
+    return _unpinch(*best)
+
+
+def _bad_edge_vertices(f: np.ndarray, weld: np.ndarray) -> np.ndarray:
+    """Vertices (welded ids) on an edge not shared by exactly two faces."""
+    g = weld[f]
+    e = np.sort(np.concatenate([g[:, [0, 1]], g[:, [1, 2]], g[:, [2, 0]]]), axis=1)
+    u, counts = np.unique(e, axis=0, return_counts=True)
+    return np.unique(u[counts != 2])
+
+
+def _unpinch(v: np.ndarray, f: np.ndarray, max_rounds: int = 12) -> tuple[np.ndarray, np.ndarray]:
+    """Remove the faces around every non-manifold edge and cap each hole with a fan about its
+    centroid; `v` [V, 3], `f` [F, 3] → the same, closed where it can be.
+
+    fast-simplification (the only well-kept MIT quadric decimator here) has no link-condition
+    check, so a collapse can press two sheets of a thin part onto one edge (four faces). The cap
+    keeps the orientation: a hole's boundary edge u→v gets the face (v, u, centroid). Where a hole
+    touches itself or another at a vertex (four boundary edges there), the faces round that vertex
+    go too, until every hole's boundary is a simple loop."""
+    import scipy.sparse as sp
+
+    _, weld = np.unique(v, axis=0, return_inverse=True)
+    weld = weld.reshape(-1)
+    g_all = weld[f]  # [F, 3] welded ids
+    bad = _bad_edge_vertices(f, weld)
+    if len(bad) == 0:
+        return v, f
+    n = len(v)
+    drop = np.isin(g_all, bad).any(1)
+    for _ in range(max_rounds):
+        g = g_all[~drop]
+        directed = np.concatenate([g[:, [0, 1]], g[:, [1, 2]], g[:, [2, 0]]])  # [3F, 2]
+        _, inv, counts = np.unique(np.sort(directed, axis=1), axis=0, return_inverse=True,
+                                   return_counts=True)
+        boundary = directed[counts[inv.reshape(-1)] == 1]  # u → v round the holes
+        deg = np.bincount(boundary.reshape(-1), minlength=n)
+        touching = np.flatnonzero(deg > 2)
+        if (counts > 2).any():
+            touching = np.union1d(touching, _bad_edge_vertices(g, np.arange(n)))
+        if len(touching) == 0:
+            break
+        drop |= np.isin(g_all, touching).any(1)
+    else:
+        return v, f
+    adj = sp.coo_matrix((np.ones(len(boundary)), (boundary[:, 0], boundary[:, 1])), shape=(n, n))
+    _, label = sp.csgraph.connected_components(adj, directed=False)
+    holes, hole_of = np.unique(label[boundary[:, 0]], return_inverse=True)
+    # Work on welded ids; map each back to one original vertex at that position.
+    rep = np.zeros(n, np.int64)
+    rep[weld[::-1]] = np.arange(len(v))[::-1]
+    centres = np.zeros((len(holes), 3), np.float64)
+    np.add.at(centres, hole_of, v[rep[boundary[:, 0]]].astype(np.float64))
+    centres /= np.bincount(hole_of)[:, None]
+    caps = np.stack([rep[boundary[:, 1]], rep[boundary[:, 0]], len(v) + hole_of], 1)
+    out_v = np.concatenate([v, centres.astype(v.dtype)])
+    out_f = np.concatenate([rep[g], caps])
+    used = np.unique(out_f)
+    remap = np.full(len(out_v), -1, np.int64)
+    remap[used] = np.arange(len(used))
+    out_v, out_f = out_v[used], remap[out_f]
+    return (out_v, out_f) if _manifold_edges(out_v, out_f) else (v, f)
 
 
 def _manifold_edges(v: np.ndarray, f: np.ndarray) -> bool:

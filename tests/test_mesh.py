@@ -122,3 +122,24 @@ def test_auto_is_fusion_at_the_level_of_the_splats_kind():
         extract_mesh(flat, MeshConfig(**small, alpha=0.95), "cpu")
     with pytest.raises(GenerationError, match=r"lower mesh\.blob_alpha"):
         extract_mesh(blobs, MeshConfig(**small, blob_alpha=0.95), "cpu")
+
+
+def test_unpinch_closes_two_sheets_pressed_onto_one_edge():
+    """Two subdivided boxes touching along one edge (four faces on each of its edges, as a
+    decimator's collapse leaves a thin part): cut out and capped, one closed outward surface."""
+    from tdgen.mesh import _manifold_edges, _unpinch
+
+    a = trimesh.creation.box(extents=(1, 1, 1)).subdivide().subdivide()
+    b = a.copy()
+    a.apply_translation((0.5, 0.5, 0))
+    b.apply_translation((-0.5, -0.5, 0))  # shares the edge x = y = 0 with a
+    both = trimesh.util.concatenate([a, b])
+    both.merge_vertices()
+    v, f = np.asarray(both.vertices, np.float32), np.asarray(both.faces, np.int64)
+    assert not _manifold_edges(v, f)
+    v2, f2 = _unpinch(v, f)
+    assert _manifold_edges(v2, f2)
+    tm = trimesh.Trimesh(v2, f2, process=True)
+    assert tm.is_watertight and tm.is_winding_consistent and tm.volume > 0
+    assert abs(tm.volume - 2.0) < 0.1  # only the pinch's neighbourhood was recut
+    assert len(f) - 200 < len(f2) < len(f)
