@@ -135,14 +135,14 @@ LOD_MIN_TEXTURE = 128
 
 def _extract_surfaces(gaussians, cfg: Config, dev, timings: dict[str, float],
                       on_progress: ProgressFn) -> tuple[Mesh, Mesh | None]:
-    """The decimated mesh, and (with `texture.normal_map`) the cleaned marching-cubes surface it
+    """The decimated mesh, and (with `texture.normal_map` on a lit asset) the cleaned marching-cubes surface it
     was decimated from, which the normal map is baked against (else None)."""
     from dataclasses import replace
 
     from tdgen.mesh import decimate, extract_mesh, vertex_normals
 
     clock = _MeshClock(on_progress, timings)
-    if not cfg.texture.normal_map:
+    if not (cfg.texture.normal_map and cfg.export.shading == "lit"):
         return extract_mesh(gaussians, cfg.mesh, dev, on_progress=clock), None
     # extract_mesh with a budget it never reaches skips its decimation; the same decimate() with
     # the real budget then gives exactly the mesh extract_mesh would have returned.

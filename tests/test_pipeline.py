@@ -187,30 +187,32 @@ def test_lods_halve_every_level_and_stay_closed():
 
 
 def test_normal_map_switch_keeps_the_mesh_and_adds_or_removes_the_map(tmp_path):
-    """texture.normal_map (on by default) writes normalTexture + TANGENT into the asset and its
-    LOD, validator-clean; off removes both; the decimated mesh is the same either way."""
+    """texture.normal_map (on by default) writes normalTexture + TANGENT into a lit asset and its
+    LOD, validator-clean; off removes both, and so does unlit shading (which ignores the map);
+    the decimated mesh is the same either way."""
     import pygltflib
 
     ply = tmp_path / "ball.ply"
     save_ply(_two_colour_sphere(), ply)
     meshes = {}
-    for on in (True, False):
-        out = tmp_path / f"ball_{on}.glb"
+    for on, shading in ((True, "lit"), (False, "lit"), (True, "unlit")):
+        out = tmp_path / f"ball_{on}_{shading}.glb"
         r = runner.invoke(app, ["mesh", str(ply), "-o", str(out), "--preset", "draft", "--device", "cpu",
                                 "--set", "mesh.grid=48", "--set", "texture.size=128",
                                 "--set", "texture.bake_resolution=64", "--set", "texture.bake_views=6",
                                 "--set", "mesh.triangles=600", "--set", "export.preview=false",
-                                "--set", "export.shading=lit", "--lods", "1",
+                                "--set", f"export.shading={shading}", "--lods", "1",
                                 "--set", f"texture.normal_map={str(on).lower()}"])
         assert r.exit_code == 0, r.output
+        has = on and shading == "lit"
         for p in (out, out.with_name(out.stem + "_lod1.glb")):
             _assert_valid_glb(p)
             g = pygltflib.GLTF2().load(str(p))
             prim = g.meshes[0].primitives[0]
-            assert (g.materials[0].normalTexture is not None) == on
-            assert (prim.attributes.TANGENT is not None) == on
-            assert len(g.images) == (2 if on else 1)
+            assert (g.materials[0].normalTexture is not None) == has
+            assert (prim.attributes.TANGENT is not None) == has
+            assert len(g.images) == (2 if has else 1)
         g = pygltflib.GLTF2().load(str(out))
         pos = g.accessors[g.meshes[0].primitives[0].attributes.POSITION]
-        meshes[on] = (pos.count, pos.min, pos.max, g.accessors[g.meshes[0].primitives[0].indices].count)
-    assert meshes[True] == meshes[False]
+        meshes[on, shading] = (pos.count, pos.min, pos.max, g.accessors[g.meshes[0].primitives[0].indices].count)
+    assert meshes[True, "lit"] == meshes[False, "lit"] == meshes[True, "unlit"]
