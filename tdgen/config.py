@@ -90,7 +90,10 @@ class Stage1Config:
     lr_position: float = 1e-2
     """Adam learning rate of the Gaussian centres at step 0 (decays exponentially)."""
     lr_position_final: float = 2e-4
-    """Learning rate of the centres at the last step."""
+    """Learning rate of the centres at the end of their decay."""
+    lr_position_decay: float = 1.0
+    """Fraction of the steps over which the centres' rate decays to `lr_position_final`, held
+    there after (1 = the whole run; DreamGaussian reaches its final value at 300 of 500 = 0.6)."""
     lr_color: float = 0.01
     """Adam learning rate of the colours (SH DC)."""
     lr_opacity: float = 0.05
@@ -183,7 +186,8 @@ class TextureConfig:
     normal_map: bool = True
     """Bake a tangent-space normal map (texture.size², glTF `normalTexture`, with `TANGENT`) from
     the surface before decimation onto the decimated mesh, so lit renders keep the detail the
-    triangle budget removed. Renderers honouring `export.shading = "unlit"` ignore it."""
+    triangle budget removed. Only with `export.shading = "lit"`: an unlit material ignores normal
+    maps (engines honour KHR_materials_unlit), so unlit assets skip the bake and its ~2 s."""
 
 
 @dataclass(frozen=True)
@@ -493,6 +497,7 @@ LIMITS: dict[str, tuple[float, float, str]] = {
     "stage1.t_min": (0.001, 0.999, ""),
     "stage1.lr_position": (0.0, 10.0, ""),
     "stage1.lr_position_final": (0.0, 10.0, ""),
+    "stage1.lr_position_decay": (0.01, 1.0, "a fraction of the steps"),
     "stage1.lr_color": (0.0, 10.0, ""),
     "stage1.lr_opacity": (0.0, 10.0, ""),
     "stage1.lr_scale": (0.0, 10.0, ""),

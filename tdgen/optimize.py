@@ -43,8 +43,8 @@ def _resolution(step: int, cfg: Stage1Config) -> int:
 
 def position_lr(step: int, cfg: Stage1Config) -> float:
     """Learning rate of the centres: exponential decay from lr_position at step 0 to
-    lr_position_final at the last step (3DGS's position schedule)."""
-    t = step / max(1, cfg.steps - 1)
+    lr_position_final at `lr_position_decay` of the run, then held (3DGS's position schedule)."""
+    t = min(1.0, step / max(1.0, cfg.lr_position_decay * (cfg.steps - 1)))
     return cfg.lr_position * (cfg.lr_position_final / cfg.lr_position) ** t
 
 

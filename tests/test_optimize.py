@@ -79,6 +79,11 @@ def test_position_lr_decays_exponentially():
     assert lrs[0] == pytest.approx(1e-2) and lrs[-1] == pytest.approx(1e-4)
     ratios = [b / a for a, b in zip(lrs, lrs[1:])]
     assert max(ratios) == pytest.approx(min(ratios)) and ratios[0] < 1
+    # DreamGaussian's form: the final rate reached at 60 % of the run, then held.
+    held = small_cfg(steps=11, lr_position=1e-2, lr_position_final=1e-4, lr_position_decay=0.6)
+    lrs = [position_lr(s, held) for s in range(11)]
+    assert lrs[0] == pytest.approx(1e-2) and lrs[6] == pytest.approx(1e-4)
+    assert lrs[6:] == pytest.approx([1e-4] * 5) and lrs[5] > lrs[6]
 
 
 class NaNGuidance:
