@@ -93,6 +93,9 @@ def quality_config(smoke: bool, device: torch.device, preset: str = "standard",
         "export.preview": False,
         "export.splat": False,
         "export.lods": 0,
+        # Case B's oracle is 3DGS's own L1 loss, the one densify_grad is calibrated on; the
+        # fraction rule (the SDS default) is not what a trained 3DGS splat was grown with.
+        "stage1.densify_fraction": 0.0,
         **(sets or {}),
     }
     if not smoke:

@@ -110,7 +110,14 @@ class Stage1Config:
     """Steps between densify/prune rounds."""
     densify_grad: float = 0.0002
     """Mean screen-space gradient norm above which a Gaussian is split or cloned (gsplat's
-    `grow_grad2d`)."""
+    `grow_grad2d`, calibrated on 3DGS's L1 loss), when `densify_fraction` is 0."""
+    densify_fraction: float = 0.2
+    """When above 0, each densify round's threshold is the screen-space gradient that this
+    fraction of the Gaussians exceed, in place of `densify_grad`. SDS gradients scale with the
+    model, the guidance scale and the render size, which an absolute threshold calibrated on
+    3DGS's L1 loss knows nothing of: on the toy prior the median Gaussian's is 0.15–0.5, so
+    0.0002 split every Gaussian every round. 0.2 recovered the toy objects as well (mean IoU .679
+    against .658, 4 objects × 3 seeds) with 40 % fewer Gaussians. 0 uses `densify_grad`."""
     prune_opacity: float = 0.01
     """Gaussians below this opacity are pruned at each densify round."""
     opacity_reset_every: int = 0
@@ -507,6 +514,7 @@ LIMITS: dict[str, tuple[float, float, str]] = {
     "stage1.densify_every": (1, 1_000_000, ""),
     "stage1.densify_grad": (0.0, 1.0, ""),
     "stage1.prune_opacity": (0.0, 1.0, ""),
+    "stage1.densify_fraction": (0.0, 1.0, "0 uses densify_grad"),
     "stage1.opacity_reset_every": (0, 1_000_000, "0 never resets"),
     "mesh.grid": (16, 512, "memory grows with its cube"),
     "mesh.views": (4, 1024, "depth views of the fusion surface"),

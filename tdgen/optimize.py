@@ -48,6 +48,24 @@ def position_lr(step: int, cfg: Stage1Config) -> float:
     return cfg.lr_position * (cfg.lr_position_final / cfg.lr_position) ** t
 
 
+def _refines(strategy, step: int) -> bool:
+    """Whether DefaultStrategy grows and prunes after this step (its own condition)."""
+    return (strategy.refine_start_iter < step < strategy.refine_stop_iter
+            and step % strategy.refine_every == 0
+            and step % strategy.reset_every >= strategy.pause_refine_after_reset)
+
+
+def _fraction_threshold(state: dict, fraction: float) -> float:
+    """The mean screen-space gradient that `fraction` of the Gaussians seen since the last round
+    exceed (DefaultStrategy's own statistic: accumulated norm / views that saw each)."""
+    count = state.get("count")
+    if count is None or not bool((count > 0).any()):
+        return float("inf")
+    seen = count > 0
+    mean = state["grad2d"][seen] / count[seen]
+    return float(torch.quantile(mean.float(), 1.0 - fraction))
+
+
 def _backgrounds(n: int, cfg: Stage1Config, generator: torch.Generator, device) -> torch.Tensor:
     if cfg.background == "white":
         return torch.ones(n, 3, device=device)
@@ -149,6 +167,8 @@ def optimize_gaussians(guidance, cfg: Stage1Config, device, generator: torch.Gen
                 opt.zero_grad(set_to_none=True)
 
             # 5. densify / prune, then the hard cap (drop the faintest splats)
+            if cfg.densify_fraction > 0 and _refines(strategy, step):
+                strategy.grow_grad2d = _fraction_threshold(state, cfg.densify_fraction)
             strategy.step_post_backward(params, optimizers, state, step, out.info, packed=False)
             every = cfg.opacity_reset_every
             if every and 0 < step < reset_stop and step % every == 0:

@@ -173,3 +173,15 @@ def test_opacity_reset_drops_opacities_while_densifying_only():
     # A reset period past the densify window never fires.
     late = optimize_gaussians(Indifferent(), small_cfg(init_opacity=0.1, opacity_reset_every=11), "cpu", gen())
     assert torch.allclose(late.gaussians.alpha(), torch.tensor(0.1), atol=1e-4)
+
+
+def test_densify_fraction_grows_that_share_whatever_the_gradient_scale():
+    """stage1.densify_fraction=0.25: one densify round clones or splits a quarter of the Gaussians
+    (each adds one), where the absolute densify_grad of small_cfg (1e-6) takes every one."""
+    one_round = dict(steps=6, num_points=200, max_points=10_000, densify_every=4)
+    absolute = optimize_gaussians(SolidRed(), small_cfg(densify_fraction=0.0, **one_round), "cpu",
+                                  torch.Generator().manual_seed(0))
+    assert absolute.gaussians.num >= 390
+    res = optimize_gaussians(SolidRed(), small_cfg(densify_fraction=0.25, **one_round), "cpu",
+                             torch.Generator().manual_seed(0))
+    assert 240 <= res.gaussians.num <= 260
