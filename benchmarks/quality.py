@@ -221,6 +221,15 @@ class OracleGuidance:
         self.weight = weight
         self.detail = detail
         self.calls = 0
+        if detail > 0:  # the mesh and the pattern's waves, once: target() runs every fit step
+            self._faces = torch.as_tensor(np.asarray(ref.mesh.faces), device=device).long()
+            self._verts = torch.as_tensor(np.asarray(ref.mesh.vertices), device=device).float()
+            self._uvs = torch.as_tensor(np.asarray(ref.mesh.uvs), device=device).float()
+            gen = torch.Generator().manual_seed(7)
+            dirs = F.normalize(torch.randn(6, 3, generator=gen), dim=-1)
+            period = 0.06 + 0.09 * torch.rand(6, generator=gen)
+            self._phase = (2 * math.pi * torch.rand(6, generator=gen)).to(device)  # [6]
+            self._k = (2 * math.pi / period[:, None] * dirs).to(device)  # [6, 3] wave vectors
 
     def target(self, cams, backgrounds: Tensor) -> Tensor:  # [B, 3] → [B, 3, H, W]
         from tdgen.raster import render_mesh
@@ -238,20 +247,16 @@ class OracleGuidance:
         capture or a diffusion model's image always has shading or texture there."""
         from tdgen.raster import interpolate, rasterize, sample_texture
 
+        # render_mesh's steps, plus the world position it does not return
         dev = cams.viewmats.device
-        faces = torch.as_tensor(np.asarray(self.mesh.faces), device=dev).long()
-        verts = torch.as_tensor(np.asarray(self.mesh.vertices), device=dev).float()
-        uvs = torch.as_tensor(np.asarray(self.mesh.uvs), device=dev).float()
+        faces, verts = self._faces.to(dev), self._verts.to(dev)
         r = rasterize(verts, faces, cams)
         mask = (r.face_id >= 0)[..., None]  # [B, H, W, 1]
-        colour = sample_texture(self.texture.to(dev), interpolate(uvs, faces, r))  # [B, H, W, 3]
+        uv = interpolate(self._uvs.to(dev), faces, r)
+        colour = sample_texture(self.texture.to(dev), uv)  # [B, H, W, 3]
         pos = interpolate(verts, faces, r)  # [B, H, W, 3] world
-        gen = torch.Generator().manual_seed(7)
-        dirs = torch.nn.functional.normalize(torch.randn(6, 3, generator=gen), dim=-1)
-        period = 0.06 + 0.09 * torch.rand(6, generator=gen)
-        phase = 2 * math.pi * torch.rand(6, generator=gen)
-        k = (2 * math.pi / period[:, None] * dirs).to(dev)  # [6, 3]
-        wave = torch.sin(pos @ k.T + phase.to(dev)).mean(-1, keepdim=True) * math.sqrt(2.0)  # ~[-1, 1]
+        phase = pos @ self._k.to(dev).T + self._phase.to(dev)  # [B, H, W, 6]
+        wave = torch.sin(phase).mean(-1, keepdim=True) * math.sqrt(2.0)  # about [-1, 1]
         colour = (colour * (1.0 + self.detail * wave)).clamp(0, 1)
         bg = torch.as_tensor(backgrounds, dtype=colour.dtype, device=dev).reshape(-1, 3)
         rgb = torch.where(mask, colour, bg.expand(len(colour), 3)[:, None, None, :])

@@ -81,9 +81,13 @@ def decimate(vertices: np.ndarray, faces: np.ndarray, target: int,
     return _unpinch(*best)
 
 
-def _bad_edge_vertices(f: np.ndarray, weld: np.ndarray) -> np.ndarray:
-    """Vertices (welded ids) on an edge not shared by exactly two faces."""
-    g = weld[f]
+def _weld(v: np.ndarray) -> np.ndarray:  # [V, 3] → [V]
+    """One id per distinct position (the decimator can leave two vertices on one spot)."""
+    return np.unique(v, axis=0, return_inverse=True)[1].reshape(-1)
+
+
+def _bad_edge_vertices(g: np.ndarray) -> np.ndarray:  # [F, 3] welded ids → [K]
+    """Vertices on an edge not shared by exactly two faces."""
     e = np.sort(np.concatenate([g[:, [0, 1]], g[:, [1, 2]], g[:, [2, 0]]]), axis=1)
     u, counts = np.unique(e, axis=0, return_counts=True)
     return np.unique(u[counts != 2])
@@ -100,10 +104,9 @@ def _unpinch(v: np.ndarray, f: np.ndarray, max_rounds: int = 12) -> tuple[np.nda
     go too, until every hole's boundary is a simple loop."""
     import scipy.sparse as sp
 
-    _, weld = np.unique(v, axis=0, return_inverse=True)
-    weld = weld.reshape(-1)
+    weld = _weld(v)
     g_all = weld[f]  # [F, 3] welded ids
-    bad = _bad_edge_vertices(f, weld)
+    bad = _bad_edge_vertices(g_all)
     if len(bad) == 0:
         return v, f
     n = len(v)
@@ -111,13 +114,12 @@ def _unpinch(v: np.ndarray, f: np.ndarray, max_rounds: int = 12) -> tuple[np.nda
     for _ in range(max_rounds):
         g = g_all[~drop]
         directed = np.concatenate([g[:, [0, 1]], g[:, [1, 2]], g[:, [2, 0]]])  # [3F, 2]
-        _, inv, counts = np.unique(np.sort(directed, axis=1), axis=0, return_inverse=True,
-                                   return_counts=True)
+        edges, inv, counts = np.unique(np.sort(directed, axis=1), axis=0, return_inverse=True,
+                                       return_counts=True)
         boundary = directed[counts[inv.reshape(-1)] == 1]  # u → v round the holes
         deg = np.bincount(boundary.reshape(-1), minlength=n)
-        touching = np.flatnonzero(deg > 2)
-        if (counts > 2).any():
-            touching = np.union1d(touching, _bad_edge_vertices(g, np.arange(n)))
+        # vertices where holes touch, and any edge still of more than two faces
+        touching = np.union1d(np.flatnonzero(deg > 2), edges[counts > 2])
         if len(touching) == 0:
             break
         drop |= np.isin(g_all, touching).any(1)
@@ -145,11 +147,7 @@ def _unpinch(v: np.ndarray, f: np.ndarray, max_rounds: int = 12) -> tuple[np.nda
 def _manifold_edges(v: np.ndarray, f: np.ndarray) -> bool:
     """Every edge is shared by exactly two faces once vertices at one position are merged (the
     decimator can leave two vertices on one spot), so a closed input stays closed."""
-    _, weld = np.unique(v, axis=0, return_inverse=True)
-    f = weld.reshape(-1)[f]
-    e = np.sort(np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]]), axis=1)
-    _, counts = np.unique(e, axis=0, return_counts=True)
-    return bool((counts == 2).all())
+    return len(_bad_edge_vertices(_weld(v)[f])) == 0
 
 
 def _drop_flaps(v: np.ndarray, f: np.ndarray, min_component: float) -> tuple[np.ndarray, np.ndarray]:

@@ -111,7 +111,6 @@ def optimize_gaussians(guidance, cfg: Stage1Config, device, generator: torch.Gen
         # arms its prune of oversized splats after the first reset, as in 3DGS.
         reset_every=cfg.opacity_reset_every or steps + 1,
     )
-    reset_stop = int(cfg.densify_stop * steps)
     strategy.check_sanity(params, optimizers)
     state = strategy.initialize_state(scene_scale=SCENE_EXTENT)
 
@@ -171,7 +170,7 @@ def optimize_gaussians(guidance, cfg: Stage1Config, device, generator: torch.Gen
                 strategy.grow_grad2d = _fraction_threshold(state, cfg.densify_fraction)
             strategy.step_post_backward(params, optimizers, state, step, out.info, packed=False)
             every = cfg.opacity_reset_every
-            if every and 0 < step < reset_stop and step % every == 0:
+            if every and 0 < step < strategy.refine_stop_iter and step % every == 0:
                 reset_opa(params=params, optimizers=optimizers, state=state,
                           value=2.0 * cfg.prune_opacity)
             n = len(params["means"])

@@ -135,8 +135,9 @@ LOD_MIN_TEXTURE = 128
 
 def _extract_surfaces(gaussians, cfg: Config, dev, timings: dict[str, float],
                       on_progress: ProgressFn) -> tuple[Mesh, Mesh | None]:
-    """The decimated mesh, and (with `texture.normal_map` on a lit asset) the cleaned marching-cubes surface it
-    was decimated from, which the normal map is baked against (else None)."""
+    """The decimated mesh, and (with `texture.normal_map` on a lit asset) the cleaned
+    marching-cubes surface it was decimated from, which the normal map is baked against (else
+    None)."""
     from dataclasses import replace
 
     from tdgen.mesh import decimate, extract_mesh, vertex_normals
@@ -148,11 +149,10 @@ def _extract_surfaces(gaussians, cfg: Config, dev, timings: dict[str, float],
     # the real budget then gives exactly the mesh extract_mesh would have returned.
     high = extract_mesh(gaussians, replace(cfg.mesh, triangles=2**62), dev, on_progress=clock)
     # the clock charges this to mesh.decimate from the progress events, as for extract_mesh's own
-    on_progress = clock
-    on_progress(Progress("mesh", 2, 4, message=f"decimate {high.num_faces} → {cfg.mesh.triangles}"))
+    clock(Progress("mesh", 2, 4, message=f"decimate {high.num_faces} → {cfg.mesh.triangles}"))
     v, f = decimate(high.vertices, high.faces, cfg.mesh.triangles, cfg.mesh.min_component)
     mesh = Mesh(vertices=v.astype(np.float32), faces=f, normals=vertex_normals(v, f))
-    on_progress(Progress("mesh", 4, 4, message=f"{mesh.num_faces} triangles"))
+    clock(Progress("mesh", 4, 4, message=f"{mesh.num_faces} triangles"))
     return mesh, high
 
 
