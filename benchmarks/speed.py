@@ -11,12 +11,17 @@ transfer; the assets themselves are noise.
     python benchmarks/speed.py --device cuda --sds-only              # ms per SDS step variants
     python benchmarks/speed.py --device cpu --tiny [--sds-only]      # tiny model, seconds (tests)
     python benchmarks/speed.py --device cuda --mesh-only --presets standard  # stage 2's mesh part
+    python benchmarks/speed.py --device cuda --cold-cli --presets standard  # fresh `tdgen make`s
+    python benchmarks/speed.py --device cuda --step-breakdown --presets standard  # one SDS step's parts
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -317,6 +322,140 @@ SDS_TABLE = [("name", "variant", ""), ("graphs", "graph used", ""), ("render", "
 
 
 # ---------------------------------------------------------------------------------------------
+# A fresh `tdgen make` process, and one SDS step taken apart
+
+
+CLI = (sys.executable, "-c", "import sys; from tdgen.cli import main; sys.exit(main())")
+"""The installed `tdgen` entry point, spelled so it also runs from a checkout on PYTHONPATH."""
+
+
+def _wall(cmd: list[str], **kw) -> tuple[subprocess.CompletedProcess, float]:
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    return proc, time.perf_counter() - t0
+
+
+def bench_cold_cli(preset: str, sets: list[str], runs: int, workdir: Path,
+                   tiny: bool = False) -> dict[str, Any]:
+    """Process wall time of `tdgen make --model FOLDER` in fresh processes: the full-size
+    architecture saved as a diffusers folder of safetensors and loaded the way a real model is.
+
+    The first make is a priming run (it fills the page cache, the folder's fingerprint cache and
+    gsplat's kernel build if missing); the rest are what a user's second and later runs cost."""
+    from benchmarks.batch_speed import write_full_model
+
+    t0 = time.perf_counter()
+    if tiny:
+        from tdgen.testing.tiny_model import write_tiny_model
+
+        folder = write_tiny_model(workdir / "cli_model")
+    else:
+        folder = write_full_model(workdir / "cli_model", torch.float16)
+    write_s = time.perf_counter() - t0
+    torch.cuda.empty_cache()
+    extra = [a for s in sets for a in ("--set", s)]
+    small = {}
+    for name, args in (("help", ["--help"]), ("presets", ["presets"])):
+        proc, sec = _wall([*CLI, *args])
+        small[f"{name}_s"] = sec
+    proc, sec = _wall([sys.executable, "-c", "import torch, tdgen.pipeline, tdgen.guidance"])
+    small["import_s"] = sec
+    makes = []
+    for i in range(runs + 1):
+        out = workdir / f"cli_{i}.glb"
+        proc, sec = _wall([*CLI, "make", PROMPTS[i % len(PROMPTS)], "-o", str(out), "--model",
+                           str(folder), "--preset", preset, "--seed", str(i), "--json", *extra],
+                           env={**os.environ, "TDGEN_CACHE_DIR": str(workdir / "cache")})
+        if proc.returncode != 0:
+            raise RuntimeError(f"tdgen make failed ({proc.returncode}): {proc.stderr[-2000:]}")
+        timings = json.loads(proc.stdout).get("timings", {})
+        inside = timings.get("total", 0.0)
+        makes.append({"priming": i == 0, "process_s": sec, "timings": timings,
+                      "outside_generate_s": sec - inside})
+        log(f"[speed] cold cli {preset} {'priming' if i == 0 else i}: {sec:.1f} s process, "
+            f"load {timings.get('load', float('nan')):.1f} s")
+    timed_runs = [m for m in makes if not m["priming"]]
+    return {"preset": preset, "model_write_s": write_s, **small, "makes": makes,
+            "process_s": statistics.fmean(m["process_s"] for m in timed_runs),
+            "load_s": statistics.fmean(m["timings"].get("load", 0.0) for m in timed_runs)}
+
+
+def bench_step_breakdown(model, device: torch.device, preset: str, sets: list[str], gaussians: int,
+                         steps: int) -> dict[str, Any]:
+    """One stage-1 step at the preset's final render size, phase by phase with a device sync
+    between phases (so the phases add up to a step without overlap), plus the top CUDA kernels of
+    the same steps from torch.profiler: what bounds an SDS step."""
+    from tdgen.gaussians import Gaussians, init_ball
+    from tdgen.guidance import SDSGuidance, encode_prompt
+    from tdgen.render import render_gaussians, sample_orbit_cameras
+    from tdgen.runtime import make_generator
+
+    cfg = resolve_config(preset, dict(s.partition("=")[::2] for s in sets) | {"model.id": model.model_id})
+    s1 = cfg.stage1
+    gen = make_generator(0, device)
+    g0 = init_ball(gaussians, s1.init_radius, s1.init_opacity, gen).to(device)
+    params = [t.requires_grad_(True) for t in (g0.means, g0.scales, g0.quats, g0.opacities, g0.sh0)]
+    opt = torch.optim.Adam(params, lr=1e-3, eps=1e-15)
+    sds = SDSGuidance(model, encode_prompt(model, PROMPTS[0]), s1, make_generator(1, device))
+    bg = torch.ones(s1.batch_size, 3, device=device)
+    phases = ("render", "encode", "unet_cfg", "backward", "adam")
+    times: dict[str, list[float]] = {p: [] for p in phases}
+
+    def step(i: int, clock: bool) -> None:
+        marks = [time.perf_counter()]
+
+        def mark() -> None:
+            if clock and device.type == "cuda":
+                torch.cuda.synchronize(device)
+            marks.append(time.perf_counter())
+
+        cams = sample_orbit_cameras(s1.batch_size, s1, s1.resolution, gen).to(device)
+        g = Gaussians(*params, params[4].new_zeros(gaussians, 0, 3))
+        out = render_gaussians(g, cams, bg)
+        mark()
+        latents = sds.encode_images(out.rgb.permute(0, 3, 1, 2))
+        mark()
+        loss = sds.latent_loss(latents, cams.azimuth, 0.5 + 0.4 * (i % 10) / 10)
+        mark()
+        loss.backward()
+        mark()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        mark()
+        if clock:
+            for p, a, b in zip(phases, marks, marks[1:]):
+                times[p].append(1000 * (b - a))
+
+    for i in range(5):
+        step(i, clock=True)
+    times = {p: [] for p in phases}
+    for i in range(steps):
+        step(i, clock=True)
+    _, free = timed(lambda: [step(i, clock=False) for i in range(steps)], device)
+    kernels = []
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for i in range(10):
+                step(i, clock=False)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        rows = sorted(prof.key_averages(), key=lambda e: -getattr(e, "device_time_total", 0.0))
+        total = sum(getattr(e, "self_device_time_total", 0.0) for e in rows) or 1.0
+        kernels = [{"name": e.key[:120], "ms_per_step": getattr(e, "self_device_time_total", 0.0) / 1e3 / 10,
+                    "share": getattr(e, "self_device_time_total", 0.0) / total, "calls_per_step": e.count / 10}
+                   for e in sorted(rows, key=lambda e: -getattr(e, "self_device_time_total", 0.0))[:25]]
+    except Exception as exc:  # the profiler is a diagnostic: its absence must not lose the phases
+        kernels = [{"error": repr(exc)}]
+    med = {p: statistics.median(v) for p, v in times.items()}
+    return {"preset": preset, "gaussians": gaussians, "resolution": s1.resolution,
+            "encode_resolution": s1.encode_resolution or s1.resolution, "batch_size": s1.batch_size,
+            "phases_ms": med, "phases_sum_ms": sum(med.values()),
+            "step_ms_without_syncs": 1000 * free / steps, "top_kernels": kernels}
+
+
+# ---------------------------------------------------------------------------------------------
 # Driver
 
 
@@ -337,6 +476,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sds-only", action="store_true", help="only the per-step SDS micro-benchmark")
     ap.add_argument("--mesh-only", action="store_true",
                     help=f"only stage 2's mesh part on 60k-surfel splats of {', '.join(MESH_OBJECTS)}")
+    ap.add_argument("--cold-cli", action="store_true",
+                    help="fresh `tdgen make --model FOLDER` processes (process wall, load, per stage)")
+    ap.add_argument("--step-breakdown", action="store_true",
+                    help="one stage-1 step phase by phase, and its top CUDA kernels")
+    ap.add_argument("--gaussians", type=int, default=20000, help="--step-breakdown: Gaussians rendered")
     ap.add_argument("--sds-steps", type=int, default=None, help="timed SDS steps per row (default 30, tiny 3)")
     ap.add_argument("--sds-resolution", type=int, default=None, help="SDS render size (default 512, tiny 64)")
     ap.add_argument("--json-out", type=Path, default=None, help="write the report here as JSON")
@@ -354,7 +498,11 @@ def main(argv: list[str] | None = None) -> int:
                               "model": "tiny random (diffusers layout)" if args.tiny
                               else "random-weight SD 2.1-base (full size)"}
     t_all = time.perf_counter()
-    if args.mesh_only:
+    if args.cold_cli:
+        presets = [p.strip() for p in args.presets.split(",") if p.strip()]
+        with tempfile.TemporaryDirectory(prefix="tdgen-cli-") as tmp:
+            report["cold_cli"] = [bench_cold_cli(p, args.set, args.runs, Path(tmp), args.tiny) for p in presets]
+    elif args.mesh_only:
         presets = [p.strip() for p in args.presets.split(",") if p.strip()]
         report["model"] = None
         report["mesh"] = bench_mesh(presets, device, args.runs, args.set)
@@ -379,7 +527,13 @@ def _bench_model(args, device: torch.device, report: dict[str, Any]) -> None:
         report["dtype"] = str(model.dtype).removeprefix("torch.")
         report["cuda_graphs"] = model.cuda_graphs
 
-        if args.sds_only:
+        if args.step_breakdown:
+            presets = [p.strip() for p in args.presets.split(",") if p.strip()]
+            report["step_breakdown"] = [
+                bench_step_breakdown(model, device, p, args.set, args.gaussians, args.sds_steps or 20)
+                for p in presets]
+            log(to_json(report["step_breakdown"]))
+        elif args.sds_only:
             res = args.sds_resolution or (64 if args.tiny else 512)
             steps = args.sds_steps or (3 if args.tiny else 30)
             rows = bench_sds(model, device, res, steps, warmup=1 if args.tiny else 5)
