@@ -12,6 +12,10 @@ _MAX_TRIES = 12
 """Re-packs at a lower texel density when the charts spill onto a second atlas page."""
 
 
+_MAX_PARTS = 64
+"""Beyond this many parts the extra seams cost more than the chart time they save."""
+
+
 def unwrap_mesh(mesh: Mesh, cfg: TextureConfig) -> Mesh:
     """A copy of `mesh` cut along UV seams, with `uvs` [V', 2] in [0, 1] packed in a `cfg.size`²
     texture.
@@ -42,10 +46,11 @@ def unwrap_mesh(mesh: Mesh, cfg: TextureConfig) -> Mesh:
     # Many small charts in a small texture can need more gutter than there is room for: then
     # accept a narrower gutter (down to one texel) rather than fail the asset.
     paddings = sorted({int(cfg.padding), max(1, int(cfg.padding) // 2), 1}, reverse=True)
+    parts = _split(positions, indices, cfg.unwrap_part_faces)
     atlas = None
     for padding in paddings:
         pack.padding = padding
-        atlas = _pack(positions, indices, normals, chart, pack, size)
+        atlas = _pack(positions, normals, parts, chart, pack, size)
         if atlas is not None:
             break
     if atlas is None:
@@ -55,8 +60,7 @@ def unwrap_mesh(mesh: Mesh, cfg: TextureConfig) -> Mesh:
         )
     width, height = int(atlas.width), int(atlas.height)
 
-    vmapping, new_faces, uvs = atlas[0]  # [V'] source vertex, [F, 3], [V', 2] in [0, 1] of W×H
-    vmapping = vmapping.astype(np.int64)
+    vmapping, new_faces, uvs = _gather(atlas, parts, len(indices))
     # xatlas normalises by its own width/height; express in the size² texture (texel units kept).
     uvs = uvs.astype(np.float64) * np.array([width / size, height / size])
     return Mesh(
@@ -67,7 +71,53 @@ def unwrap_mesh(mesh: Mesh, cfg: TextureConfig) -> Mesh:
     )
 
 
-def _pack(positions, indices, normals, chart, pack, size: int):
+def _split(positions, indices, part_faces: int) -> list[tuple[np.ndarray, ...]]:
+    """The mesh cut into compact parts of about `part_faces` faces, each as (face ids [f],
+    source vertex ids [v], local indices [f, 3] into those vertices).
+
+    xatlas computes each added mesh's charts as a task of its own thread pool, and its chart
+    growing costs more than linearly in a mesh's faces: a 20k-face surface in 16 parts unwraps
+    2.1 s → 0.6 s on two cores (one core: 2.0 → 1.0 s) at the same texel use, for ~4 % more seam
+    vertices (the cuts become chart borders). xatlas has no option for this, so we cut: recursive
+    median bisection of face centroids along the longest axis, which keeps parts balanced and
+    compact."""
+    n = len(indices)
+    k = 1 if part_faces <= 0 else int(min(_MAX_PARTS, max(1, round(n / part_faces))))
+    groups = [np.arange(n)]
+    centroids = positions[indices].mean(axis=1)  # [F, 3]
+    while len(groups) < k:
+        groups.sort(key=len)
+        g = groups.pop()
+        if len(g) < 2:
+            groups.append(g)
+            break
+        c = centroids[g]
+        axis = int(np.argmax(c.max(axis=0) - c.min(axis=0)))
+        order = g[np.argsort(c[:, axis], kind="stable")]
+        groups += [order[: len(order) // 2], order[len(order) // 2:]]
+    parts = []
+    for g in sorted(groups, key=lambda g: int(g[0]) if len(g) else 0):
+        used, local = np.unique(indices[g], return_inverse=True)
+        parts.append((g, used, local.reshape(-1, 3).astype(np.uint32)))
+    return parts
+
+
+def _gather(atlas, parts, num_faces: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The parts' atlas meshes joined back in the input's face order: source vertex [V'],
+    faces [F, 3], uvs [V', 2] in [0, 1] of the atlas's W×H."""
+    vmaps, uvs = [], []
+    faces = np.empty((num_faces, 3), dtype=np.int64)
+    offset = 0
+    for i, (g, used, _) in enumerate(parts):
+        vmap, part_faces, part_uvs = atlas[i]
+        vmaps.append(used[vmap.astype(np.int64)])
+        uvs.append(part_uvs)
+        faces[g] = part_faces.astype(np.int64) + offset
+        offset += len(vmap)
+    return np.concatenate(vmaps), faces, np.concatenate(uvs)
+
+
+def _pack(positions, normals, parts, chart, pack, size: int):
     """One atlas page of at most `size`², or None when the charts do not fit at this padding."""
     import xatlas
 
@@ -81,7 +131,8 @@ def _pack(positions, indices, normals, chart, pack, size: int):
         pack.texels_per_unit = texels_per_unit
         pack.resolution = int(round(0.75 * size)) if attempt == 0 else size
         atlas = xatlas.Atlas()
-        atlas.add_mesh(positions, indices, normals)
+        for _, used, local in parts:
+            atlas.add_mesh(np.ascontiguousarray(positions[used]), local, np.ascontiguousarray(normals[used]))
         atlas.generate(chart, pack)
         width, height = int(atlas.width), int(atlas.height)
         if atlas.atlas_count == 1 and width <= size and height <= size:

@@ -103,3 +103,24 @@ def test_many_small_charts_in_a_small_texture_still_pack():
     out = unwrap_mesh(Mesh(v.astype(np.float32), f, vertex_normals(v, f)), TextureConfig(size=256))
     assert out.uvs.min() >= 0 and out.uvs.max() <= 1
     assert len(out.faces) == len(f)
+
+
+def test_mesh_cut_into_parts_keeps_faces_positions_and_packs_without_overlap():
+    from tdgen.unwrap import _split
+
+    m = bumpy_sphere(3)  # 1280 faces
+    parts = _split(m.vertices, m.faces, 100)
+    assert len(parts) == 13
+    ids = np.concatenate([g for g, _, _ in parts])
+    assert np.array_equal(np.sort(ids), np.arange(m.num_faces))  # every face in exactly one part
+    for g, used, local in parts:  # local indices address the part's own vertices
+        np.testing.assert_array_equal(used[local], m.faces[g])
+    u = unwrap_mesh(m, TextureConfig(size=256, padding=2, unwrap_part_faces=100))
+    one = unwrap_mesh(m, TextureConfig(size=256, padding=2, unwrap_part_faces=0))
+    np.testing.assert_array_equal(u.vertices[u.faces], m.vertices[m.faces])
+    np.testing.assert_array_equal(u.normals[u.faces], m.normals[m.faces])
+    assert u.uvs.min() >= 0.0 and u.uvs.max() <= 1.0
+    cov = uv_coverage(u.uvs, u.faces, 256)
+    assert (cov > 1).sum() < 0.005 * (cov > 0).sum()  # parts share one atlas without overlap
+    # the cuts become chart borders: more seam vertices than one piece, but not many more
+    assert one.num_vertices < u.num_vertices < 1.5 * one.num_vertices
