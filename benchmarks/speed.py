@@ -88,7 +88,8 @@ def build_model(args, device: torch.device, workdir: Path):
 
         def build():
             return build_full_sd21_base(device, dtype, tiny_encoder=args.tiny_encoder,
-                                        cuda_graphs=not args.no_graphs)
+                                        cuda_graphs=not args.no_graphs,
+                                        compile_encoder=not args.no_compile)
 
     return timed(build, device)
 
@@ -469,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true", help="the tiny random model at test sizes (CPU)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"])
     ap.add_argument("--no-graphs", action="store_true", help="pipeline runs without CUDA graphs")
+    ap.add_argument("--no-compile", action="store_true", help="VAE encoder eager (model.compile_encoder=false)")
     ap.add_argument("--tiny-encoder", action="store_true",
                     help="pipeline runs with the tiny SDS encoder (model.sds_encoder = tiny)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -42,6 +42,10 @@ class ModelConfig:
     cuda_graphs: bool = True
     """Capture the UNet's classifier-free-guidance forward as a CUDA graph (CUDA only): SDS is
     launch-bound at batch 1, and a replayed graph removes most of the launch gaps."""
+    compile_encoder: bool = True
+    """Run the VAE encoder (forward and backward, every SDS step) through torch.compile on CUDA:
+    fused GroupNorm/SiLU take it from 24 to 17 ms at 512² on an H200. The first compile on a
+    machine takes ~30 s; later processes read inductor's cache in the tdgen cache folder (~2.5 s)."""
 
 
 @dataclass(frozen=True)

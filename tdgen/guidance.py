@@ -263,9 +263,8 @@ class SDSGuidance:
             # TAESD predicts SD's already-scaled latents; its scaling_factor is 1.0 by default.
             latents = tiny.encode(x).latents * tiny.config.scaling_factor
         else:
-            vae = self.model.vae
-            dist = vae.encode(x).latent_dist
-            latents = dist.sample(generator=self.generator) * vae.config.scaling_factor
+            dist = self.model.latent_dist(x)
+            latents = dist.sample(generator=self.generator) * self.model.vae.config.scaling_factor
         return latents.float()
 
     def loss(self, images: Tensor, cams: Cameras, backgrounds: Tensor, progress: float) -> Tensor:

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import struct
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,40 @@ class DiffusionModel:
     """Replay the UNet's CFG forward from CUDA graphs (set only when on CUDA and enabled)."""
     graphs: dict = field(default_factory=dict, init=False, repr=False)
     """Captured CUDA graphs per input shape; shared by every SDSGuidance on this model."""
+    compile_encoder: bool = False
+    """Run the VAE encoder through torch.compile (set only when on CUDA and enabled)."""
+    _compiled_moments: Any = field(default=None, init=False, repr=False)
+
+    def latent_dist(self, x: Tensor):
+        """The VAE's posterior for images x [B, 3, H, W] in [-1, 1] (model dtype): a diffusers
+        DiagonalGaussianDistribution over [B, 4, H/8, W/8], differentiable w.r.t. x.
+
+        On CUDA the encoder's mid-block attention (one head of 512 channels over (H/8)² tokens)
+        runs on PyTorch's math SDPA backend: flash and cuDNN attention take heads of at most 256,
+        so SDPA would pick memory-efficient attention, whose backward at one head took 5.3 ms of
+        a 40 ms SDS step on an H200 (benchmarks/encoder_speed.py)."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        if self.device.type != "cuda":
+            return self.vae.encode(x).latent_dist
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.MATH]):
+            if self.compile_encoder:
+                try:
+                    if self._compiled_moments is None:
+                        _inductor_cache_default()
+                        self._compiled_moments = torch.compile(self._moments)
+                    return DiagonalGaussianDistribution(self._compiled_moments(x))
+                except Exception as exc:  # a compiler missing or failing must not fail the asset
+                    warnings.warn(f"torch.compile of the VAE encoder failed, running it eagerly "
+                                  f"(set model.compile_encoder=false to skip the attempt): {exc!r:.300}")
+                    self.compile_encoder = False
+            return DiagonalGaussianDistribution(self._moments(x))
+
+    def _moments(self, x: Tensor) -> Tensor:  # [B, 3, H, W] → [B, 8, H/8, W/8]
+        enc = self.vae.encoder(x)
+        return enc if self.vae.quant_conv is None else self.vae.quant_conv(enc)
 
     @property
     def num_train_timesteps(self) -> int:
@@ -88,8 +123,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def assemble_model(tokenizer, text_encoder, vae, unet, scheduler, device, dtype: torch.dtype,
-                   model_id: str, source: dict, tiny_vae=None, cuda_graphs: bool = True
-                   ) -> DiffusionModel:
+                   model_id: str, source: dict, tiny_vae=None, cuda_graphs: bool = True,
+                   compile_encoder: bool = False) -> DiffusionModel:
     """Move frozen modules to `device`/`dtype` in eval mode and wrap them as a DiffusionModel."""
     device = torch.device(device)
     modules = [m for m in (text_encoder, vae, unet, tiny_vae) if m is not None]
@@ -104,6 +139,7 @@ def assemble_model(tokenizer, text_encoder, vae, unet, scheduler, device, dtype:
     model = DiffusionModel(tokenizer, text_encoder, vae, unet, scheduler, device, dtype, model_id,
                            source, tiny_vae=tiny_vae,
                            cuda_graphs=bool(cuda_graphs and device.type == "cuda"))
+    model.compile_encoder = bool(compile_encoder and device.type == "cuda")
     _ = model.alphas_cumprod  # move the schedule once
     return model
 
@@ -278,12 +314,21 @@ def _loading(model_id: str, part: str):
 _HASH_CACHE: dict[tuple[str, int, int], str] = {}
 
 
+def cache_root() -> Path:
+    """tdgen's cache folder: $TDGEN_CACHE_DIR, else $XDG_CACHE_HOME/tdgen, else ~/.cache/tdgen."""
+    return Path(os.environ.get("TDGEN_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "tdgen"))
+
+
+def _inductor_cache_default() -> None:
+    # Inductor's own default is under /tmp, which a reboot empties: the encoder's first compile
+    # takes ~30 s and a cached one ~2.5 s, so keep its cache beside ours unless the user set one.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
+
+
 def hash_cache_file() -> Path:
-    """Where file hashes persist between runs: $TDGEN_CACHE_DIR, else $XDG_CACHE_HOME/tdgen,
-    else ~/.cache/tdgen; `hashes.json` in it."""
-    root = os.environ.get("TDGEN_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "tdgen")
-    return Path(root) / "hashes.json"
+    """Where file hashes persist between runs: `hashes.json` in `cache_root()`."""
+    return cache_root() / "hashes.json"
 
 
 def _read_disk_cache(path: Path) -> dict[str, str]:
@@ -440,7 +485,8 @@ def load_model(cfg: ModelConfig, device) -> DiffusionModel:
         tiny_vae, tiny_source = load_tiny_encoder(cfg.tiny_encoder_id, cfg.revision, dtype)
         source = {**source, "sds_encoder": tiny_source}
     return assemble_model(tokenizer, text_encoder, vae, unet, scheduler, device, dtype, cfg.id,
-                          source, tiny_vae=tiny_vae, cuda_graphs=cfg.cuda_graphs)
+                          source, tiny_vae=tiny_vae, cuda_graphs=cfg.cuda_graphs,
+                          compile_encoder=cfg.compile_encoder)
 
 
 def load_tiny_encoder(model_id: str, revision: str, dtype: torch.dtype):

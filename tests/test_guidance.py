@@ -414,3 +414,34 @@ def test_cuda_graph_matches_eager(tiny_model_dir):
         graphed = predict_noise_cfg(m, noisy, t, e.views["side"], e.uncond, 7.5, use_graphs=True)
         torch.testing.assert_close(graphed, eager, rtol=2e-2, atol=2e-2)
     assert any(m.graphs.values()), "graph capture fell back to eager"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile_ok", [True, False])
+def test_compiled_encoder_matches_eager(tiny_model_dir, tmp_path, monkeypatch, compile_ok):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    device = torch.device("cuda")
+    m = load_model(ModelConfig(id=str(tiny_model_dir), compile_encoder=True), device)
+    assert m.compile_encoder
+    if not compile_ok:  # a compiler that fails must leave the asset to the eager encoder
+        monkeypatch.setattr(torch, "compile", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no")))
+    x = (torch.rand(1, 3, 64, 64, device=device) * 2 - 1).half().requires_grad_(True)
+    g = torch.randn(1, 4, 8, 8, device=device)
+    eager_mean = m.vae.encode(x).latent_dist.mean
+    (eager_grad,) = torch.autograd.grad((eager_mean.float() * g).sum(), x)
+    if compile_ok:
+        dist = m.latent_dist(x)
+    else:
+        with pytest.warns(UserWarning, match="compile_encoder=false"):
+            dist = m.latent_dist(x)
+        assert not m.compile_encoder
+    (grad,) = torch.autograd.grad((dist.mean.float() * g).sum(), x)
+    torch.testing.assert_close(dist.mean, eager_mean, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(grad, eager_grad, rtol=2e-2, atol=2e-2)
+    assert (m._compiled_moments is not None) == compile_ok
+
+
+def test_cpu_encoder_is_the_vae_itself(model):
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    torch.testing.assert_close(model.latent_dist(x).mean, model.vae.encode(x).latent_dist.mean)
+    assert not model.compile_encoder  # compile is a CUDA choice only
