@@ -2,20 +2,24 @@
 
 Runs inside Blender, headless:
 
-    blender -b --python benchmarks/blender_import.py -- OUT.json A.glb [B.glb ...] [--render DIR]
+    blender -b --python benchmarks/blender_import.py -- OUT.json A.glb [B.glb ...] [--render DIR] [--fbx DIR]
 
 For every file: the object and mesh count, the object names and how many are colliders (Godot's
 -convcolonly / Unreal's UCX_ names), vertices and faces, UV layers, size in Blender's
 Z-up frame (glTF +Y up arrives as Blender +Z: the height is the Z size), the lowest Z (0 for a
 bottom pivot), the images on the material with their colour space, and whether an image feeds
 the shader, where the normal map goes (image colour space, Normal Map node → BSDF Normal) and
-how close the file's TANGENT is to Blender's own MikkTSpace tangents. With `--render DIR`, one Eevee view per file from the front-right (glTF +Z front is
-Blender −Y), 20° above. Prints and writes one JSON object.
+how close the file's TANGENT is to Blender's own MikkTSpace tangents, and every object's type,
+parent and custom properties (`tree`, for LOD layouts). With `--render DIR`, one Eevee view per
+file from the front-right (glTF +Z front is Blender −Y), 20° above; with `--fbx DIR`, each
+imported scene exported again as FBX and whether it holds an FBX LOD group. Prints and writes
+one JSON object.
 """
 
 import json
 import math
 import os
+import re
 import sys
 
 import numpy
@@ -35,10 +39,11 @@ def inspect(path: str) -> dict:
     meshes = [o for o in objects if o.type == "MESH"]
     rec = {"file": os.path.basename(path), "objects": len(objects), "meshes": len(meshes),
            "names": sorted(o.name for o in objects),
-           "colliders": sum(is_collider(o.name) for o in objects)}
+           "colliders": sum(is_collider(o.name) for o in objects),
+           "tree": tree(objects)}
     if not meshes:
         return rec
-    o = max(meshes, key=lambda m: len(m.data.polygons))  # the render mesh, not a collider
+    o = render_mesh(meshes)
     corners = [o.matrix_world @ Vector(c) for c in o.bound_box]
     lo = [min(v[k] for v in corners) for k in range(3)]
     hi = [max(v[k] for v in corners) for k in range(3)]
@@ -60,6 +65,37 @@ def inspect(path: str) -> dict:
         "tangents": tangent_agreement(o, path),
     })
     return rec
+
+
+def tree(objects) -> dict:
+    """Every object by name: its type, parent, face count and material images (meshes) and custom
+    properties (the glTF node's extras, which the importer keeps), for LOD layouts."""
+    def props(o):
+        return {k: (o[k] if isinstance(o[k], (str, int, float)) else list(o[k]))
+                for k in o.keys() if not k.startswith("_")}
+
+    def images(o):  # the images on the object's material, by name
+        mat = o.active_material if o.type == "MESH" else None
+        return sorted(n.image.name for n in mat.node_tree.nodes
+                      if n.type == "TEX_IMAGE" and n.image) if mat and mat.node_tree else []
+
+    return {o.name: {"type": o.type, "parent": o.parent.name if o.parent else None,
+                     "faces": len(o.data.polygons) if o.type == "MESH" else None, "props": props(o),
+                     "images": images(o)}
+            for o in objects}
+
+
+def export_fbx(path: str, out_dir: str) -> dict:
+    """The scene `inspect` left loaded, exported by Blender's FBX exporter (what an artist does
+    to hand a .glb to an FBX pipeline), and what the FBX holds: whether an Empty came out as an
+    FBX LOD group (its `fbx_type` custom property sets the FBX node attribute; written raw, the
+    string appears nowhere else while custom properties are off, the exporter's default)."""
+    out = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + ".fbx")
+    bpy.ops.export_scene.fbx(filepath=out)
+    with open(out, "rb") as fh:
+        data = fh.read()
+    return {"file": os.path.basename(out), "lod_group": b"LodGroup" in data,
+            "lod_names": sorted({m.decode() for m in re.findall(rb"[A-Za-z0-9_]+_LOD[0-9]+", data)})}
 
 
 def normal_map(mat) -> dict | None:
@@ -123,32 +159,43 @@ def tangent_agreement(o, path: str) -> dict | None:
             "sign_agree": round(float((numpy.sign(ours[:, 3]) == numpy.sign(sign)).mean()), 6)}
 
 
+def render_mesh(meshes):
+    """The most detailed mesh that is not a collider (LOD0 where there are levels)."""
+    return max([m for m in meshes if not is_collider(m.name)] or meshes, key=lambda m: len(m.data.polygons))
+
+
 def is_collider(name: str) -> bool:
     """Godot's -colonly / -convcolonly hints and Unreal's UCX_ prefix (tdgen's collision nodes)."""
     return name.endswith(("-colonly", "-convcolonly")) or name.startswith("UCX_")
 
 
 def render(path: str, out_png: str, size: int = 384) -> None:
-    """One lit view of the scene `inspect` left loaded. Colliders are drawn beside it instead of
-    over it: the render mesh on the left, its collision hulls (one colour each) on the right."""
+    """One lit view of the scene `inspect` left loaded. Coarser LODs (NAME_LOD1, …) and colliders
+    are drawn beside it instead of over it: the render mesh on the left, then each coarser level,
+    then its collision hulls (one colour each) on the right."""
     scn = bpy.context.scene
     meshes = [o for o in scn.objects if o.type == "MESH"]
-    o = max(meshes, key=lambda m: len(m.data.polygons))
+    o = render_mesh(meshes)
     corners = [o.matrix_world @ Vector(c) for c in o.bound_box]
     lo = [min(v[k] for v in corners) for k in range(3)]
     hi = [max(v[k] for v in corners) for k in range(3)]
     centre = Vector([(lo[k] + hi[k]) / 2 for k in range(3)])
     reach = max(hi[k] - lo[k] for k in range(3))
+    width = hi[0] - lo[0]
+    coarser = sorted((m for m in meshes if re.search(r"_LOD[1-9][0-9]*$", m.name)), key=lambda m: m.name)
     colliders = [m for m in meshes if is_collider(m.name)]
+    for k, m in enumerate(coarser, start=1):
+        m.location.x += 1.2 * k * width  # beside the asset, along Blender's +X
     for k, c in enumerate(colliders):
-        c.location.x += 1.2 * (hi[0] - lo[0])  # beside the asset, along Blender's +X
+        c.location.x += 1.2 * (1 + len(coarser)) * width
         mat = bpy.data.materials.new(f"collider{k}")
         hue = (0.13 * k) % 1.0
         mat.diffuse_color = (*[0.35 + 0.5 * abs(((hue * 6 + off) % 6) - 3) / 3 for off in (0, 4, 2)], 1.0)
         c.data.materials.append(mat)
-    if colliders:
-        centre.x += 0.6 * (hi[0] - lo[0])
-        reach *= 1.8
+    beside = len(coarser) + bool(colliders)  # copies of the asset's width to the right
+    if beside:
+        centre.x += 0.6 * beside * width
+        reach *= 1 + 0.8 * beside
     scn.render.engine = "BLENDER_EEVEE"
     scn.render.resolution_x = scn.render.resolution_y = size
     scn.world = bpy.data.worlds.new("world")
@@ -170,15 +217,21 @@ def render(path: str, out_png: str, size: int = 384) -> None:
 
 def main() -> None:
     args = sys.argv[sys.argv.index("--") + 1:] if "--" in sys.argv else []
-    render_dir = None
+    render_dir = fbx_dir = None
     if "--render" in args:
         i = args.index("--render")
         render_dir = args[i + 1]
+        del args[i : i + 2]
+    if "--fbx" in args:
+        i = args.index("--fbx")
+        fbx_dir = args[i + 1]
         del args[i : i + 2]
     out_json, files = args[0], args[1:]
     report = {"blender": bpy.app.version_string, "files": []}
     for f in files:
         rec = inspect(f)
+        if fbx_dir:
+            rec["fbx"] = export_fbx(f, fbx_dir)
         if render_dir and rec.get("meshes"):
             png = os.path.join(render_dir, os.path.splitext(os.path.basename(f))[0] + ".blender.png")
             render(f, png)

@@ -206,7 +206,7 @@ def make(
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (sets seed)."),
     model: Optional[str] = ModelOpt,
     negative: Optional[str] = typer.Option(None, "--negative", help="Negative prompt."),
-    lods: Optional[int] = typer.Option(None, "--lods", help="Extra levels of detail: NAME_lod1.glb, …"),
+    lods: Optional[int] = typer.Option(None, "--lods", help="Extra levels of detail: NAME_lod1.glb, … (or inside NAME.glb: export.lod_layout)"),
     device: str = DeviceOpt,
     as_json: bool = JsonOpt,
 ) -> None:
@@ -236,7 +236,7 @@ def mesh(
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed of the texture refinement (sets seed)."),
     model: Optional[str] = ModelOpt,
     negative: Optional[str] = typer.Option(None, "--negative", help="Negative prompt of the texture refinement."),
-    lods: Optional[int] = typer.Option(None, "--lods", help="Extra levels of detail: NAME_lod1.glb, …"),
+    lods: Optional[int] = typer.Option(None, "--lods", help="Extra levels of detail: NAME_lod1.glb, … (or inside NAME.glb: export.lod_layout)"),
     crop: Optional[str] = typer.Option(
         None, "--crop", help="Mesh only the Gaussians inside this box, xmin,ymin,zmin,xmax,ymax,zmax "
         "in the splat's coordinates (an object in a captured scene); --crop=-1,0,-1,1,2,1."),

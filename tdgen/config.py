@@ -213,9 +213,16 @@ class ExportConfig:
     """`unlit` adds KHR_materials_unlit (lighting is baked into the texture); `lit` leaves a plain
     PBR material (metallic 0, roughness 0.9)."""
     lods: int = 0
-    """Extra levels of detail written as NAME_lod1.glb, … (each half the triangles of the last,
-    re-unwrapped, its texture half the size of the last down to 128², carried over from the full
-    asset's)."""
+    """Extra levels of detail (each half the triangles of the last, re-unwrapped, its texture half
+    the size of the last down to 128², carried over from the full asset's), laid out by
+    `lod_layout`."""
+    lod_layout: Literal["files", "nodes", "msft_lod"] = "files"
+    """Where the LODs go. `files`: NAME_lod1.glb, … beside NAME.glb (wire them up in the engine).
+    `nodes`: one .glb, parent NAME with children NAME_LOD0, NAME_LOD1, … (Unity's FBX `_LODn`
+    convention; the parent is an FBX LOD group once Blender exports it as FBX, which Unreal reads;
+    glTF importers draw every level in place). `msft_lod`: one .glb whose LOD0 node lists the
+    others with the MSFT_lod extension and MSFT_screencoverage (UnityGLTF makes a LODGroup,
+    Babylon.js loads it; other loaders show LOD0 only). No effect with lods = 0."""
     preview: bool = True
     """Write NAME.preview.png (8 views of the textured mesh) next to the output."""
     turntable: bool = False

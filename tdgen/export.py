@@ -1,4 +1,4 @@
-"""Stage 4: the textured mesh as a binary glTF (.glb), plus optional LODs.
+"""Stage 4: the textured mesh as a binary glTF (.glb), plus optional LODs (laid out by `tdgen.lods`).
 
 Written field by field with pygltflib (trimesh's exporter decides materials, names and flips for
 us). Axes are kept as the library world has them: +Y up, front toward +Z, which is glTF's own
@@ -18,6 +18,7 @@ from tdgen import __version__
 from tdgen.config import ExportConfig
 from tdgen.errors import GenerationError
 from tdgen.io import atomic_write_bytes
+from tdgen.lods import lod_node_name, lod_nodes, lod_path
 from tdgen.meshdata import Mesh
 
 # glTF enums (spec §5): component types, buffer-view targets, sampler filters and wraps.
@@ -30,7 +31,7 @@ _UNLIT = "KHR_materials_unlit"
 @dataclass
 class ExportResult:
     paths: list[Path]
-    """The main .glb first, then NAME_lod1.glb, … ."""
+    """The main .glb first, then NAME_lod1.glb, … (`files` layout; the others write one file)."""
     triangles: int
     """Triangles of the main .glb."""
     vertices: int
@@ -157,128 +158,139 @@ def collision_node_name(name: str, index: int, convention: str) -> str:
     return f"{name}_col{index:02d}-convcolonly"
 
 
-def build_glb(mesh: Mesh, png: bytes, name: str, unlit: bool,
-              collision: list[tuple[np.ndarray, np.ndarray]] = (),
-              collision_names: str = "godot", normal_png: bytes | None = None) -> bytes:
-    """One scene → one node (no transform) → one mesh with one textured primitive, as .glb bytes;
-    each `collision` piece (vertices [V, 3], faces [F, 3], already placed) one more root node
-    with an untextured, position-only mesh named by `collision_node_name`. With `normal_png` (a
-    tangent-space normal map, `normalmap.bake_normal_map`) the material's `normalTexture` and the
-    primitive's `TANGENT` (`normalmap.vertex_tangents`, the frame the map was baked in)."""
-    import pygltflib as gl
+class _Glb:
+    """The buffers, accessors, meshes, materials, textures and images of one .glb, filled level by
+    level and collider by collider; `to_bytes` adds the node graph (`lods.lod_nodes`)."""
 
-    normals = _unit_normals(mesh.normals)  # [V, 3]
-    uvs = np.ascontiguousarray(mesh.uvs, dtype=np.float32)  # [V, 2]
-    n_vert = len(mesh.vertices)
+    def __init__(self):
+        import pygltflib as gl
 
-    blob = bytearray()
-    views: list[gl.BufferView] = []
+        self.gl = gl
+        self.blob = bytearray()
+        self.views: list = []
+        self.accessors: list = []
+        self.meshes: list = []
+        self.materials: list = []
+        self.textures: list = []
+        self.images: list = []
 
-    def add_view(data: bytes, target: int | None) -> int:
-        views.append(
-            gl.BufferView(buffer=0, byteOffset=len(blob), byteLength=len(data), target=target)
-        )
-        blob.extend(data)
-        blob.extend(b"\x00" * (-len(blob) % 4))  # every view starts 4-byte aligned
-        return len(views) - 1
+    def view(self, data: bytes, target: int | None) -> int:
+        self.views.append(self.gl.BufferView(buffer=0, byteOffset=len(self.blob),
+                                             byteLength=len(data), target=target))
+        self.blob.extend(data)
+        self.blob.extend(b"\x00" * (-len(self.blob) % 4))  # every view starts 4-byte aligned
+        return len(self.views) - 1
 
-    accessors: list[gl.Accessor] = []
+    def attribute(self, a: np.ndarray, kind: str, bounds: bool = False) -> int:  # [V, C] float32
+        a = np.ascontiguousarray(a, dtype=np.float32)
+        extra = dict(min=[float(x) for x in a.min(0)], max=[float(x) for x in a.max(0)]) if bounds else {}
+        self.accessors.append(self.gl.Accessor(bufferView=self.view(a.tobytes(), _ARRAY_BUFFER),
+                                               componentType=_FLOAT, count=len(a), type=kind, **extra))
+        return len(self.accessors) - 1
 
-    def add_positions(v: np.ndarray) -> int:  # [V, 3] → accessor index (with the bounds glTF needs)
-        v = np.ascontiguousarray(v, dtype=np.float32)
-        accessors.append(gl.Accessor(
-            bufferView=add_view(v.tobytes(), _ARRAY_BUFFER), componentType=_FLOAT, count=len(v),
-            type="VEC3", min=[float(x) for x in v.min(0)], max=[float(x) for x in v.max(0)]))
-        return len(accessors) - 1
-
-    def add_indices(faces: np.ndarray, n_vertices: int) -> int:  # [F, 3] → accessor index
+    def indices(self, faces: np.ndarray, n_vertices: int) -> int:  # [F, 3] → accessor index
         # 65535 is the primitive-restart value, so uint16 holds indices 0..65534 only.
         dtype, ctype = (np.uint16, _UINT16) if n_vertices < 65535 else (np.uint32, _UINT32)
         idx = np.ascontiguousarray(faces, dtype=dtype).reshape(-1)  # [3F]
-        accessors.append(gl.Accessor(
-            bufferView=add_view(idx.tobytes(), _ELEMENT_ARRAY_BUFFER), componentType=ctype,
+        self.accessors.append(self.gl.Accessor(
+            bufferView=self.view(idx.tobytes(), _ELEMENT_ARRAY_BUFFER), componentType=ctype,
             count=int(idx.size), type="SCALAR"))
-        return len(accessors) - 1
+        return len(self.accessors) - 1
 
-    add_positions(mesh.vertices)  # 0
-    accessors.append(gl.Accessor(  # 1
-        bufferView=add_view(normals.tobytes(), _ARRAY_BUFFER), componentType=_FLOAT,
-        count=n_vert, type="VEC3"))
-    accessors.append(gl.Accessor(  # 2
-        bufferView=add_view(uvs.tobytes(), _ARRAY_BUFFER), componentType=_FLOAT,
-        count=n_vert, type="VEC2"))
-    add_indices(mesh.faces, n_vert)  # 3
-    tangent = None
-    if normal_png is not None:
-        from tdgen.normalmap import vertex_tangents
+    def texture(self, png: bytes, name: str) -> int:
+        self.images.append(self.gl.Image(name=name, mimeType="image/png", bufferView=self.view(png, None)))
+        self.textures.append(self.gl.Texture(name=name, sampler=0, source=len(self.images) - 1))
+        return len(self.textures) - 1
 
-        # Exported, not left to the client: three.js does not compute MikkTSpace without it
-        # (it falls back to screen-space derivatives), and the map is baked in exactly this frame.
-        t = np.ascontiguousarray(vertex_tangents(mesh), dtype=np.float32)  # [V, 4]
-        accessors.append(gl.Accessor(
-            bufferView=add_view(t.tobytes(), _ARRAY_BUFFER), componentType=_FLOAT,
-            count=n_vert, type="VEC4"))
-        tangent = len(accessors) - 1
-    image_view = add_view(png, None)
-    normal_view = add_view(normal_png, None) if normal_png is not None else None
+    def textured_mesh(self, mesh: Mesh, png: bytes, name: str, unlit: bool,
+                      normal_png: bytes | None = None) -> int:
+        """One mesh with one primitive and its own material and textures; the mesh's index."""
+        gl = self.gl
+        position = self.attribute(mesh.vertices, "VEC3", bounds=True)
+        normal = self.attribute(_unit_normals(mesh.normals), "VEC3")
+        uv = self.attribute(mesh.uvs, "VEC2")
+        index = self.indices(mesh.faces, len(mesh.vertices))
+        tangent = None
+        if normal_png is not None:
+            from tdgen.normalmap import vertex_tangents
 
-    extra_nodes, extra_meshes = [], []
+            # Exported, not left to the client: three.js does not compute MikkTSpace without it
+            # (it falls back to screen-space derivatives), and the map is baked in exactly this frame.
+            tangent = self.attribute(vertex_tangents(mesh), "VEC4")
+        base = self.texture(png, f"{name}_basecolor")
+        normal_tex = self.texture(normal_png, f"{name}_normal") if normal_png is not None else None
+        self.materials.append(gl.Material(
+            name=f"{name}_material",
+            pbrMetallicRoughness=gl.PbrMetallicRoughness(
+                baseColorTexture=gl.TextureInfo(index=base, texCoord=0),
+                metallicFactor=0.0,
+                roughnessFactor=0.9,
+            ),
+            normalTexture=None if normal_tex is None else gl.NormalMaterialTexture(index=normal_tex, texCoord=0),
+            alphaMode="OPAQUE",
+            doubleSided=False,
+            # Lighting is baked into the texture; unlit tells engines not to light it a second time.
+            extensions={_UNLIT: {}} if unlit else {},
+        ))
+        primitive = gl.Primitive(
+            attributes=gl.Attributes(POSITION=position, NORMAL=normal, TEXCOORD_0=uv, TANGENT=tangent),
+            indices=index, material=len(self.materials) - 1, mode=gl.TRIANGLES)
+        self.meshes.append(gl.Mesh(name=name, primitives=[primitive]))
+        return len(self.meshes) - 1
+
+    def collider(self, v: np.ndarray, f: np.ndarray, name: str) -> int:
+        """An untextured, position-only mesh (a convex collision piece); the mesh's index."""
+        gl = self.gl
+        primitive = gl.Primitive(attributes=gl.Attributes(POSITION=self.attribute(v, "VEC3", bounds=True)),
+                                 indices=self.indices(f, len(v)), mode=gl.TRIANGLES)
+        self.meshes.append(gl.Mesh(name=name, primitives=[primitive]))
+        return len(self.meshes) - 1
+
+    def to_bytes(self, scene_name: str, nodes: list, roots: list[int], used: list[str]) -> bytes:
+        gl = self.gl
+        gltf = gl.GLTF2(
+            asset=gl.Asset(generator=f"tdgen {__version__}", version="2.0"),
+            extensionsUsed=used,  # never extensionsRequired: every extension here degrades
+            scene=0,
+            scenes=[gl.Scene(name=scene_name, nodes=roots)],
+            nodes=nodes,
+            meshes=self.meshes,
+            materials=self.materials,
+            textures=self.textures,
+            samplers=[gl.Sampler(magFilter=_LINEAR, minFilter=_LINEAR_MIPMAP_LINEAR,
+                                 wrapS=_REPEAT, wrapT=_REPEAT)],
+            images=self.images,
+            accessors=self.accessors,
+            bufferViews=self.views,
+            buffers=[gl.Buffer(byteLength=len(self.blob))],
+        )
+        gltf.set_binary_blob(bytes(self.blob))
+        out = gltf.save_to_bytes()
+        return b"".join(out) if isinstance(out, (list, tuple)) else bytes(out)
+
+
+def build_glb(levels: list[tuple[Mesh, bytes, bytes | None]], name: str, unlit: bool,
+              layout: str = "files", collision: list[tuple[np.ndarray, np.ndarray]] = (),
+              collision_names: str = "godot") -> bytes:
+    """`levels` (placed mesh, base-colour PNG, normal-map PNG or None), LOD0 first, as .glb bytes:
+    each level its own mesh, material and textures, the node graph by `layout`
+    (`lods.lod_nodes`: one level is always one node named `name` with no transform). With a
+    normal map the material's `normalTexture` and the primitive's `TANGENT`
+    (`normalmap.vertex_tangents`, the frame the map was baked in). Each `collision` piece
+    (vertices [V, 3], faces [F, 3], already placed) is one more root node with an untextured,
+    position-only mesh named by `collision_node_name`."""
+    glb = _Glb()
+    multi = len(levels) > 1
+    level_meshes = [glb.textured_mesh(m, png, lod_node_name(name, k) if multi else name, unlit, npng)
+                    for k, (m, png, npng) in enumerate(levels)]
+    colliders = []
     for k, (cv, cf) in enumerate(collision):
         node_name = collision_node_name(name, k, collision_names)
-        primitive_k = gl.Primitive(attributes=gl.Attributes(POSITION=add_positions(cv)),
-                                   indices=add_indices(cf, len(cv)), mode=gl.TRIANGLES)
-        extra_meshes.append(gl.Mesh(name=node_name, primitives=[primitive_k]))
-        extra_nodes.append(gl.Node(name=node_name, mesh=1 + k))
-
-    material = gl.Material(
-        name=f"{name}_material",
-        pbrMetallicRoughness=gl.PbrMetallicRoughness(
-            baseColorTexture=gl.TextureInfo(index=0, texCoord=0),
-            metallicFactor=0.0,
-            roughnessFactor=0.9,
-        ),
-        normalTexture=None if normal_png is None else gl.NormalMaterialTexture(index=1, texCoord=0),
-        alphaMode="OPAQUE",
-        doubleSided=False,
-        # Lighting is baked into the texture; unlit tells engines not to light it a second time.
-        extensions={_UNLIT: {}} if unlit else {},
-    )
-    primitive = gl.Primitive(
-        attributes=gl.Attributes(POSITION=0, NORMAL=1, TEXCOORD_0=2, TANGENT=tangent),
-        indices=3,
-        material=0,
-        mode=gl.TRIANGLES,
-    )
-    gltf = gl.GLTF2(
-        asset=gl.Asset(generator=f"tdgen {__version__}", version="2.0"),
-        extensionsUsed=[_UNLIT] if unlit else [],
-        scene=0,
-        scenes=[gl.Scene(name=name, nodes=list(range(1 + len(extra_nodes))))],
-        nodes=[gl.Node(name=name, mesh=0), *extra_nodes],  # identity: no matrix, no TRS
-        meshes=[gl.Mesh(name=name, primitives=[primitive]), *extra_meshes],
-        materials=[material],
-        textures=[gl.Texture(name=f"{name}_basecolor", sampler=0, source=0)]
-        + ([gl.Texture(name=f"{name}_normal", sampler=0, source=1)] if normal_view is not None else []),
-        samplers=[
-            gl.Sampler(
-                magFilter=_LINEAR, minFilter=_LINEAR_MIPMAP_LINEAR, wrapS=_REPEAT, wrapT=_REPEAT
-            )
-        ],
-        images=[gl.Image(name=f"{name}_basecolor", mimeType="image/png", bufferView=image_view)]
-        + ([gl.Image(name=f"{name}_normal", mimeType="image/png", bufferView=normal_view)]
-           if normal_view is not None else []),
-        accessors=accessors,
-        bufferViews=views,
-        buffers=[gl.Buffer(byteLength=len(blob))],
-    )
-    gltf.set_binary_blob(bytes(blob))
-    out = gltf.save_to_bytes()
-    return b"".join(out) if isinstance(out, (list, tuple)) else bytes(out)
-
-
-def lod_path(path: Path, level: int) -> Path:
-    """`NAME.glb` → `NAME_lod{level}.glb` beside it."""
-    return path.with_name(f"{path.stem}_lod{level}{path.suffix}")
+        colliders.append((node_name, glb.collider(cv, cf, node_name)))
+    nodes, roots, used = lod_nodes(layout, name, level_meshes, colliders)
+    if unlit:
+        used = [_UNLIT, *used]
+    return glb.to_bytes(name, nodes, roots, used)
 
 
 def export_glb(mesh: Mesh, texture, cfg: ExportConfig, path: str | os.PathLike,
@@ -289,13 +301,14 @@ def export_glb(mesh: Mesh, texture, cfg: ExportConfig, path: str | os.PathLike,
     and `normal_map` [S', S', 3] (tangent-space, same layout) as its normal texture if given.
 
     The asset is re-centred (pivot at the bottom centre) and uniformly scaled to `cfg.height`
-    metres; `cfg.lods` extra files follow: `lods` (mesh, texture[, normal map]) made by the caller (the
-    pipeline re-unwraps each level), or else each level decimated from the previous keeping its
-    UVs and the same texture (which stops halving once the seams dominate). Every LOD is placed
-    exactly like the main mesh, so they line up. `collision` pieces (`collision.collision_shapes`,
-    in the mesh's frame) go into the main file only, placed the same way. Every file is built in
-    memory first and then
-    written atomically, so a failure leaves no partial output.
+    metres. `cfg.lods` coarser levels follow: `lods` (mesh, texture[, normal map]) made by the
+    caller (the pipeline re-unwraps each level), or else each level decimated from the previous
+    keeping its UVs and the same texture (which stops halving once the seams dominate). Every
+    level is placed exactly like the main mesh, so they line up; `cfg.lod_layout` puts them in
+    files of their own (NAME_lod1.glb, …) or into the one .glb (`tdgen.lods`). `collision`
+    pieces (`collision.collision_shapes`, in the mesh's frame) go into the main file only, placed
+    the same way. Every file is built in memory first and then written atomically, so a failure
+    leaves no partial output.
     """
     path = Path(path)
     if mesh.uvs is None:
@@ -316,27 +329,30 @@ def export_glb(mesh: Mesh, texture, cfg: ExportConfig, path: str | os.PathLike,
     unlit = cfg.shading == "unlit"
     pieces = [(place(v), f) for v, f in collision]
     normal_png = None if normal_map is None else encode_png(texture_to_uint8(normal_map))
-    outputs: list[tuple[Path, bytes]] = [(path, build_glb(placed(mesh), png, path.stem, unlit,
-                                                          pieces, cfg.collision_names, normal_png))]
+    # levels: (placed mesh, base-colour PNG, normal-map PNG or None), LOD0 first
+    levels = [(placed(mesh), png, normal_png)]
     if lods is not None:
         if len(lods) != cfg.lods:
             raise ValueError(f"export.lods is {cfg.lods} but {len(lods)} LOD meshes were given")
-        for level, (lod, lod_tex, *lod_normal) in enumerate(lods, start=1):
+        for lod, lod_tex, *lod_normal in lods:
             if lod.uvs is None:
                 raise ValueError("every LOD mesh needs uvs")
-            p = lod_path(path, level)
             lod_npng = (encode_png(texture_to_uint8(lod_normal[0]))
                         if lod_normal and lod_normal[0] is not None else None)
-            outputs.append((p, build_glb(placed(lod), encode_png(texture_to_uint8(lod_tex)), p.stem,
-                                         unlit, normal_png=lod_npng)))
+            levels.append((placed(lod), encode_png(texture_to_uint8(lod_tex)), lod_npng))
     else:
         # Decimating keeps the uvs but not the surface the map was baked against: no normal map.
         lod = mesh
-        for level in range(1, cfg.lods + 1):
+        for _ in range(cfg.lods):
             lod = decimate_keep_uvs(lod, max(1, lod.num_faces // 2))
-            p = lod_path(path, level)
-            outputs.append((p, build_glb(placed(lod), png, p.stem, unlit)))
+            levels.append((placed(lod), png, None))
 
+    if cfg.lod_layout == "files":
+        outputs = [(path, build_glb(levels[:1], path.stem, unlit, "files", pieces, cfg.collision_names))]
+        outputs += [(lod_path(path, k), build_glb([lv], lod_path(path, k).stem, unlit))
+                    for k, lv in enumerate(levels[1:], start=1)]
+    else:  # every level in the one file (`lods.lod_nodes` lays them out)
+        outputs = [(path, build_glb(levels, path.stem, unlit, cfg.lod_layout, pieces, cfg.collision_names))]
     for p, data in outputs:
         atomic_write_bytes(p, data)
     return ExportResult(

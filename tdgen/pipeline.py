@@ -185,10 +185,16 @@ def _build_lods(surface: Mesh, textured: Mesh, texture, cfg: Config, dev,
 
 
 def _stale_lods(out: Path, lods: int) -> list[Path]:
-    """LOD files of an earlier run beyond this run's count: they go when this run commits."""
+    """LOD files of an earlier run beyond this run's count of LOD files (0 when its layout keeps
+    the levels inside the .glb): they go when this run commits."""
     pattern = re.compile(rf"^{re.escape(out.stem)}_lod(\d+){re.escape(out.suffix)}$")
     return [p for p in out.parent.glob(f"{glob.escape(out.stem)}_lod*{out.suffix}")
             if (m := pattern.match(p.name)) and int(m.group(1)) > lods]
+
+
+def _lod_files(cfg: Config) -> int:
+    """How many NAME_lodN.glb files this run writes."""
+    return cfg.export.lods if cfg.export.lod_layout == "files" else 0
 
 
 def config_path_for(out: Path) -> Path:
@@ -218,7 +224,7 @@ def generate(
     # succeeded: a failure (or Ctrl-C) leaves the previous asset's files as they were.
     with staged_outputs() as staged, deterministic(dev):
         _generate(prompt, cfg, out, dev, model, timer, result, on_progress)
-        for p in _stale_lods(out, cfg.export.lods):
+        for p in _stale_lods(out, _lod_files(cfg)):
             staged.remove_on_commit(p)
         _finish(cfg, out, result, t_start)
     return result
@@ -296,7 +302,7 @@ def mesh_from_splat(
     generator = make_generator(cfg.seed, dev)
     with staged_outputs() as staged, deterministic(dev):
         _stage2(gaussians.to(dev), cfg, out, dev, model, embeddings, generator, timer, result, on_progress)
-        for p in _stale_lods(out, cfg.export.lods):
+        for p in _stale_lods(out, _lod_files(cfg)):
             staged.remove_on_commit(p)
         _finish(cfg, out, result, t_start)
     return result

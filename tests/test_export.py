@@ -241,3 +241,101 @@ def test_normal_map_adds_normal_texture_and_tangents(tmp_path, uv_mesh, texture,
     g = _gltf(plain)
     assert g.materials[0].normalTexture is None and len(g.images) == 1 and len(g.textures) == 1
     assert g.meshes[0].primitives[0].attributes.TANGENT is None
+
+
+def _hull(mesh: Mesh) -> tuple[np.ndarray, np.ndarray]:
+    h = trimesh.convex.convex_hull(mesh.vertices)
+    return np.asarray(h.vertices, np.float32), np.asarray(h.faces, np.int64)
+
+
+def _level_faces(g: pygltflib.GLTF2, node) -> int:
+    return g.accessors[g.meshes[node.mesh].primitives[0].indices].count // 3
+
+
+def _level_bounds(g: pygltflib.GLTF2, node) -> tuple[list, list]:
+    a = g.accessors[g.meshes[node.mesh].primitives[0].attributes.POSITION]
+    return a.min, a.max
+
+
+@pytest.mark.parametrize("layout", ["nodes", "msft_lod"])
+def test_single_file_lod_layouts(tmp_path, uv_mesh, texture, layout):
+    """One validator-clean file holding every level, each with its own mesh, material and
+    textures (normal map included), placed alike, halving triangles; the collider stays a root
+    node named for the engine. `nodes`: a parent NAME (extras fbx_type LodGroup) whose children
+    are NAME_LOD0…; `msft_lod`: LOD0 is the only render root and lists the others, with a
+    decreasing MSFT_screencoverage ending at 0, declared used but not required."""
+    normal = np.full((TEX, TEX, 3), [0.5, 0.5, 1.0], np.float32)
+    lod1 = unwrap_mesh(decimate_keep_uvs(uv_mesh, uv_mesh.num_faces // 2), TextureConfig(size=TEX))
+    lod2 = unwrap_mesh(decimate_keep_uvs(lod1, lod1.num_faces // 2), TextureConfig(size=TEX))
+    out = tmp_path / "rock.glb"
+    cfg = ExportConfig(shading="lit", lods=2, lod_layout=layout, collision="hull")
+    res = export_glb(uv_mesh, texture, cfg, out, lods=[(lod1, texture, normal), (lod2, texture, normal)],
+                     collision=[_hull(uv_mesh)], normal_map=normal)
+    assert res.paths == [out] and sorted(p.name for p in tmp_path.iterdir()) == ["rock.glb"]
+    report = validate(out)
+    assert report["numErrors"] == 0 and report["numWarnings"] == 0, report["messages"]
+
+    g = _gltf(out)
+    assert not g.extensionsRequired
+    by_name = {n.name: i for i, n in enumerate(g.nodes)}
+    roots = g.scenes[0].nodes
+    assert [g.nodes[i].name for i in roots] == ["rock", "rock_col00-convcolonly"]
+    if layout == "nodes":
+        parent = g.nodes[by_name["rock"]]
+        assert parent.mesh is None and parent.extras == {"fbx_type": "LodGroup"}
+        levels = [g.nodes[i] for i in parent.children]
+        assert [n.name for n in levels] == ["rock_LOD0", "rock_LOD1", "rock_LOD2"]
+        assert g.extensionsUsed == []
+    else:
+        lod0 = g.nodes[roots[0]]
+        ids = lod0.extensions["MSFT_lod"]["ids"]
+        levels = [lod0] + [g.nodes[i] for i in ids]
+        assert [n.name for n in levels] == ["rock", "rock_LOD1", "rock_LOD2"]
+        assert not set(ids) & set(roots)  # a loader without the extension draws LOD0 only
+        cov = lod0.extras["MSFT_screencoverage"]
+        assert len(cov) == 3 and cov[0] == 0.5 and cov[-1] == 0.0 and cov == sorted(cov, reverse=True)
+        assert g.extensionsUsed == ["MSFT_lod"]
+    assert all(n.matrix is None and n.translation is None and n.scale is None for n in g.nodes)
+    assert [_level_faces(g, n) for n in levels] == [uv_mesh.num_faces, lod1.num_faces, lod2.num_faces]
+    assert uv_mesh.num_faces > lod1.num_faces > lod2.num_faces
+    # Its own material, base colour and normal texture per level, and its own tangents.
+    prims = [g.meshes[n.mesh].primitives[0] for n in levels]
+    mats = [g.materials[p.material] for p in prims]
+    assert len({p.material for p in prims}) == 3
+    assert len({g.textures[m.pbrMetallicRoughness.baseColorTexture.index].source for m in mats}) == 3
+    assert len({g.textures[m.normalTexture.index].source for m in mats}) == 3
+    assert all(p.attributes.TANGENT is not None for p in prims)
+    # Placed alike: the coarser levels sit in LOD0's box, centred on the same vertical axis
+    # (decimating a 1280-triangle ball to a quarter rounds its poles off by up to 10 %).
+    (lo0, hi0), *rest = [_level_bounds(g, n) for n in levels]
+    assert lo0[1] == pytest.approx(0.0, abs=1e-6) and hi0[1] == pytest.approx(1.0, rel=1e-5)
+    for lo, hi in rest:
+        assert np.all(np.asarray(lo) >= np.asarray(lo0) - 1e-5) and np.all(np.asarray(hi) <= np.asarray(hi0) + 1e-5)
+        assert hi[1] - lo[1] > 0.85
+        np.testing.assert_allclose((np.add(lo, hi) / 2)[[0, 2]], (np.add(lo0, hi0) / 2)[[0, 2]], atol=0.02)
+
+
+def test_a_loader_without_msft_lod_sees_lod0_and_the_collider(tmp_path, uv_mesh, texture):
+    """trimesh knows no MSFT_lod: it builds the scene from the roots, so the file reads as the
+    full asset plus its collider; the same levels in the `nodes` layout read as all of them."""
+    counts = {}
+    for layout in ("msft_lod", "nodes"):
+        out = tmp_path / layout / "rock.glb"
+        export_glb(uv_mesh, texture, ExportConfig(lods=2, lod_layout=layout, collision="hull"), out,
+                   collision=[_hull(uv_mesh)])
+        scene = trimesh.load(out)
+        counts[layout] = sorted(len(geom.faces) for geom in scene.dump())
+    hull_faces = len(_hull(uv_mesh)[1])
+    assert counts["msft_lod"] == sorted([uv_mesh.num_faces, hull_faces])
+    assert len(counts["nodes"]) == 4 and max(counts["nodes"]) == uv_mesh.num_faces
+
+
+def test_layouts_without_lods_write_the_plain_file(tmp_path, uv_mesh, texture):
+    """With export.lods = 0 every layout writes the same single-node file."""
+    data = []
+    for layout in ("files", "nodes", "msft_lod"):
+        out = tmp_path / layout / "rock.glb"
+        export_glb(uv_mesh, texture, ExportConfig(lod_layout=layout), out)
+        data.append(out.read_bytes())
+    assert data[0] == data[1] == data[2]
+    assert [n.name for n in _gltf(tmp_path / "nodes" / "rock.glb").nodes] == ["rock"]

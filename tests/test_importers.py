@@ -1,5 +1,6 @@
 """Real importers: an exported asset (with a LOD and a collision hull) opened in Blender and
-three.js, and a lit one with a normal map (where it goes on the material, whose tangents).
+three.js, a lit one with a normal map (where it goes on the material, whose tangents), and the
+single-file LOD layouts (`nodes` in Blender and through its FBX export, `msft_lod` in three.js).
 
 Blender is Debian's `blender` package, run headless with `benchmarks/blender_import.py`; CI
 installs it (.ci/run), elsewhere the test is skipped when it is missing.
@@ -204,3 +205,74 @@ def test_threejs_loads_the_normal_map_with_our_tangents(lit_asset, tmp_path):
     # Identical otherwise, so an ignored map would give 0; measured 6.5 % of the model's pixels
     # change by more than 2 % (the bumps are ±8 %, lit mostly from the front).
     assert model.mean() > 0.15 and float((diff > 0.02).mean()) > 0.02, float((diff > 0.02).mean())
+
+
+def _lod_asset(tmp_path: Path, layout: str) -> Path:
+    """ball.glb with two LODs in `layout` and a convex hull collider, from a small draft mesh run."""
+    ply = tmp_path / "ball.ply"
+    save_ply(_ball(), ply)
+    out = tmp_path / "ball.glb"
+    r = CliRunner().invoke(app, [
+        "mesh", str(ply), "-o", str(out), "--preset", "draft", "--device", "cpu", "--lods", "2",
+        "--set", f"export.lod_layout={layout}", "--set", "mesh.grid=64", "--set", "texture.size=256",
+        "--set", "texture.bake_views=10", "--set", "texture.bake_resolution=96",
+        "--set", "mesh.triangles=2000", "--set", "export.preview=false",
+        "--set", "export.collision=hull", "--set", "export.height=1.5"])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in tmp_path.glob("*.glb")) == ["ball.glb"]  # the levels are inside
+    return out
+
+
+@pytest.mark.slow  # one draft mesh run (~15 s) and one Blender import and FBX export (~10 s)
+def test_blender_imports_the_nodes_layout_as_one_lod_group(tmp_path):
+    """Blender turns the `nodes` layout into an Empty `ball` (its fbx_type custom property from
+    the node's extras) parenting ball_LOD0..2, each halving the triangles with its own texture,
+    the collider beside them at the root; exported again as FBX, the Empty is an FBX LOD group
+    holding the three _LODn meshes (the FBX shape Unity's and Unreal's importers read)."""
+    blender = _blender()
+    glb = _lod_asset(tmp_path, "nodes")
+    report = tmp_path / "blender.json"
+    proc = subprocess.run(
+        [blender, "-b", "--factory-startup", "--python", str(ROOT / "benchmarks" / "blender_import.py"),
+         "--", str(report), str(glb), "--fbx", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and report.exists(), proc.stdout[-2000:] + proc.stderr[-2000:]
+    (f,) = json.loads(report.read_text())["files"]
+    tree = f["tree"]
+    assert sorted(tree) == ["ball", "ball_LOD0", "ball_LOD1", "ball_LOD2", "ball_col00-convcolonly"]
+    assert tree["ball"]["type"] == "EMPTY" and tree["ball"]["parent"] is None
+    assert tree["ball"]["props"] == {"fbx_type": "LodGroup"}
+    levels = [tree[f"ball_LOD{k}"] for k in range(3)]
+    assert all(lv["type"] == "MESH" and lv["parent"] == "ball" for lv in levels)
+    faces = [lv["faces"] for lv in levels]
+    assert faces[0] == 2000 and 900 <= faces[1] <= 1000 and 450 <= faces[2] <= 500, faces
+    images = [lv["images"] for lv in levels]
+    assert all(images) and len({tuple(i) for i in images}) == 3, images  # a texture of its own each
+    assert tree["ball_col00-convcolonly"]["parent"] is None and f["colliders"] == 1
+    assert f["size_xyz"][2] == pytest.approx(1.5, abs=2e-3) and f["min_z"] == pytest.approx(0.0, abs=2e-3)
+    assert f["fbx"]["lod_group"] and f["fbx"]["lod_names"] == ["ball_LOD0", "ball_LOD1", "ball_LOD2"]
+
+
+@pytest.mark.slow  # one draft mesh run (~15 s), then ~2 s of Chromium
+def test_threejs_draws_lod0_of_an_msft_lod_file(tmp_path):
+    """three.js's core GLTFLoader has no MSFT_lod: it draws the scene's roots, i.e. LOD0 alone
+    (the collider hidden as engines hide it), the right way round, and not the coarser levels."""
+    from PIL import Image
+
+    from tdgen.testing import threejs_render
+
+    if not threejs_render.available():
+        if os.environ.get("CI") and not os.environ.get("TDGEN_CI_NO_CHROMIUM"):
+            pytest.fail("chromium or node_modules/three is missing in CI; .ci/run installs "
+                        "Debian's chromium and npm ci installs three")
+        pytest.skip("needs chromium (apt-get install chromium) and npm ci")
+    glb = _lod_asset(tmp_path, "msft_lod")
+    info: dict = {}
+    png = threejs_render.render_glb(glb, tmp_path / "three.png", size=256, info=info)
+    # One mesh drawn (three.js names it ball_1: the scene took "ball"), none of the _LODn nodes.
+    (drawn,) = info["meshes"]
+    assert drawn["name"].startswith("ball") and "LOD" not in drawn["name"] and drawn["map"], info
+    img = np.asarray(Image.open(png).convert("RGB"), dtype=np.float32) / 255.0  # [256, 256, 3]
+    model = np.abs(img - 128 / 255).max(-1) >= 0.03
+    assert model.mean() > 0.15
+    right, left = img[96:192, 144:][model[96:192, 144:]], img[96:192, :112][model[96:192, :112]]
+    assert (right[:, 0] > right[:, 2] + 0.2).mean() > 0.6 and (left[:, 2] > left[:, 0] + 0.2).mean() > 0.6

@@ -186,6 +186,24 @@ def test_lods_halve_every_level_and_stay_closed():
         _build_lods(small, unwrap_mesh(small, cfg.texture), texture, cfg5, torch.device("cpu"))
 
 
+@pytest.mark.parametrize("layout, kept", [("files", ["rock_lod1.glb"]), ("nodes", []), ("msft_lod", [])])
+def test_lod_files_of_an_earlier_run_go_unless_this_layout_writes_them(tmp_path, layout, kept):
+    """An earlier `files` run left rock_lod1.glb and rock_lod2.glb; a run with one LOD keeps
+    rock_lod1.glb only when it writes LOD files itself, never when its LODs live in rock.glb."""
+    from dataclasses import replace as dc_replace
+
+    from tdgen.config import Config
+    from tdgen.pipeline import _lod_files, _stale_lods
+
+    for n in ("rock.glb", "rock_lod1.glb", "rock_lod2.glb", "rock_lodx.glb"):
+        (tmp_path / n).write_bytes(b"old")
+    base = Config()
+    cfg = dc_replace(base, export=dc_replace(base.export, lods=1, lod_layout=layout))
+    stale = _stale_lods(tmp_path / "rock.glb", _lod_files(cfg))
+    left = {"rock_lod1.glb", "rock_lod2.glb"} - {p.name for p in stale}
+    assert sorted(left) == kept and all(p.name != "rock_lodx.glb" for p in stale)
+
+
 def test_normal_map_switch_keeps_the_mesh_and_adds_or_removes_the_map(tmp_path):
     """texture.normal_map (on by default) writes normalTexture + TANGENT into a lit asset and its
     LOD, validator-clean; off removes both, and so does unlit shading (which ignores the map);
