@@ -138,8 +138,8 @@ def assemble_model(tokenizer, text_encoder, vae, unet, scheduler, device, dtype:
         unet.to(memory_format=torch.channels_last)
     model = DiffusionModel(tokenizer, text_encoder, vae, unet, scheduler, device, dtype, model_id,
                            source, tiny_vae=tiny_vae,
-                           cuda_graphs=bool(cuda_graphs and device.type == "cuda"))
-    model.compile_encoder = bool(compile_encoder and device.type == "cuda")
+                           cuda_graphs=bool(cuda_graphs and device.type == "cuda"),
+                           compile_encoder=bool(compile_encoder and device.type == "cuda"))
     _ = model.alphas_cumprod  # move the schedule once
     return model
 

@@ -46,11 +46,11 @@ def unwrap_mesh(mesh: Mesh, cfg: TextureConfig) -> Mesh:
     # Many small charts in a small texture can need more gutter than there is room for: then
     # accept a narrower gutter (down to one texel) rather than fail the asset.
     paddings = sorted({int(cfg.padding), max(1, int(cfg.padding) // 2), 1}, reverse=True)
-    parts = _split(positions, indices, cfg.unwrap_part_faces)
+    parts = _split(positions, normals, indices, cfg.unwrap_part_faces)
     atlas = None
     for padding in paddings:
         pack.padding = padding
-        atlas = _pack(positions, normals, parts, chart, pack, size)
+        atlas = _pack(parts, chart, pack, size)
         if atlas is not None:
             break
     if atlas is None:
@@ -71,9 +71,10 @@ def unwrap_mesh(mesh: Mesh, cfg: TextureConfig) -> Mesh:
     )
 
 
-def _split(positions, indices, part_faces: int) -> list[tuple[np.ndarray, ...]]:
+def _split(positions, normals, indices, part_faces: int) -> list[tuple[np.ndarray, ...]]:
     """The mesh cut into compact parts of about `part_faces` faces, each as (face ids [f],
-    source vertex ids [v], local indices [f, 3] into those vertices).
+    source vertex ids [v], local indices [f, 3] into those vertices), plus that part's positions
+    and normals [v, 3] (sliced once here, not on every packing try).
 
     xatlas computes each added mesh's charts as a task of its own thread pool, and its chart
     growing costs more than linearly in a mesh's faces: a 20k-face surface in 16 parts unwraps
@@ -96,9 +97,10 @@ def _split(positions, indices, part_faces: int) -> list[tuple[np.ndarray, ...]]:
         order = g[np.argsort(c[:, axis], kind="stable")]
         groups += [order[: len(order) // 2], order[len(order) // 2:]]
     parts = []
-    for g in sorted(groups, key=lambda g: int(g[0]) if len(g) else 0):
+    for g in sorted(groups, key=lambda g: int(g[0])):  # bisection never leaves a part empty
         used, local = np.unique(indices[g], return_inverse=True)
-        parts.append((g, used, local.reshape(-1, 3).astype(np.uint32)))
+        parts.append((g, used, local.reshape(-1, 3).astype(np.uint32),
+                      np.ascontiguousarray(positions[used]), np.ascontiguousarray(normals[used])))
     return parts
 
 
@@ -108,7 +110,7 @@ def _gather(atlas, parts, num_faces: int) -> tuple[np.ndarray, np.ndarray, np.nd
     vmaps, uvs = [], []
     faces = np.empty((num_faces, 3), dtype=np.int64)
     offset = 0
-    for i, (g, used, _) in enumerate(parts):
+    for i, (g, used, *_) in enumerate(parts):
         vmap, part_faces, part_uvs = atlas[i]
         vmaps.append(used[vmap.astype(np.int64)])
         uvs.append(part_uvs)
@@ -117,7 +119,7 @@ def _gather(atlas, parts, num_faces: int) -> tuple[np.ndarray, np.ndarray, np.nd
     return np.concatenate(vmaps), faces, np.concatenate(uvs)
 
 
-def _pack(positions, normals, parts, chart, pack, size: int):
+def _pack(parts, chart, pack, size: int):
     """One atlas page of at most `size`², or None when the charts do not fit at this padding."""
     import xatlas
 
@@ -131,8 +133,8 @@ def _pack(positions, normals, parts, chart, pack, size: int):
         pack.texels_per_unit = texels_per_unit
         pack.resolution = int(round(0.75 * size)) if attempt == 0 else size
         atlas = xatlas.Atlas()
-        for _, used, local in parts:
-            atlas.add_mesh(np.ascontiguousarray(positions[used]), local, np.ascontiguousarray(normals[used]))
+        for _, _, local, part_positions, part_normals in parts:
+            atlas.add_mesh(part_positions, local, part_normals)
         atlas.generate(chart, pack)
         width, height = int(atlas.width), int(atlas.height)
         if atlas.atlas_count == 1 and width <= size and height <= size:

@@ -109,12 +109,14 @@ def test_mesh_cut_into_parts_keeps_faces_positions_and_packs_without_overlap():
     from tdgen.unwrap import _split
 
     m = bumpy_sphere(3)  # 1280 faces
-    parts = _split(m.vertices, m.faces, 100)
+    parts = _split(m.vertices, m.normals, m.faces, 100)
     assert len(parts) == 13
-    ids = np.concatenate([g for g, _, _ in parts])
+    ids = np.concatenate([g for g, *_ in parts])
     assert np.array_equal(np.sort(ids), np.arange(m.num_faces))  # every face in exactly one part
-    for g, used, local in parts:  # local indices address the part's own vertices
+    for g, used, local, pos, nrm in parts:  # local indices address the part's own vertices
         np.testing.assert_array_equal(used[local], m.faces[g])
+        np.testing.assert_array_equal(pos[local], m.vertices[m.faces[g]])
+        np.testing.assert_array_equal(nrm, m.normals[used])
     u = unwrap_mesh(m, TextureConfig(size=256, padding=2, unwrap_part_faces=100))
     one = unwrap_mesh(m, TextureConfig(size=256, padding=2, unwrap_part_faces=0))
     np.testing.assert_array_equal(u.vertices[u.faces], m.vertices[m.faces])
