@@ -106,7 +106,8 @@ def cmd_smooth_encoder(a) -> None:
     rec = write_smoothed_prior(a.model, a.data, a.out, steps=a.steps, batch=a.batch, lr=a.lr,
                                align_weight=a.align_weight, cycle_weight=a.cycle_weight,
                                directions=a.directions, seed=a.seed, pool=a.pool,
-                               keep_off_weight=a.keep_off_weight)
+                               keep_off_weight=a.keep_off_weight,
+                               lowpass_weight=a.lowpass_weight)
     print(json.dumps({k: rec[k] for k in ("seconds", "psnr_db_before", "psnr_db_after")}))
 
 
@@ -195,14 +196,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", type=Path, required=True, help="prior folder to start from")
     p.add_argument("--data", type=Path, required=True, help="renders from `data`")
     p.add_argument("--out", type=Path, required=True, help="prior folder to write (may be --model)")
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--pool", type=int, default=2048,
                    help="training inputs with precomputed directions and decoder JVPs")
-    p.add_argument("--align-weight", type=float, default=0.2)
+    p.add_argument("--align-weight", type=float, default=0.1)
     p.add_argument("--keep-off-weight", type=float, default=1.0,
                    help="weight of the keep term on the off-data inputs (soups, noise)")
+    p.add_argument("--lowpass-weight", type=float, default=0.0,
+                   help="weight of the align cosine taken on 8×8 means (flat colour)")
     p.add_argument("--cycle-weight", type=float, default=0.0)
     p.add_argument("--directions", choices=["random", "sds", "mix"], default="mix")
     p.set_defaults(fn=cmd_smooth_encoder)
@@ -212,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True, help="AutoencoderTiny folder to write")
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=500)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--pool", type=int, default=2048)

@@ -173,10 +173,11 @@ def direction_pool(teacher, images: Tensor, n: int, gen: torch.Generator, direct
     return {"x": cat(xs), "moments": cat(moms), "v": cat(vs), "d": cat(ds), "render": cat(rs)}
 
 
-def smooth_encoder(vae, images: Tensor, steps: int = 400, batch: int = 16, lr: float = 5e-4,
-                   align_weight: float = 0.2, cycle_weight: float = 0.0,
+def smooth_encoder(vae, images: Tensor, steps: int = 600, batch: int = 16, lr: float = 5e-4,
+                   align_weight: float = 0.1, cycle_weight: float = 0.0,
                    directions: str = "mix", prior=None, seed: int = 0, pool: int = 2048,
-                   keep_off_weight: float = 1.0, log=print) -> dict:
+                   keep_off_weight: float = 1.0, lowpass_weight: float = 0.0,
+                   log=print) -> dict:
     """Fine-tune `vae.encoder` and `vae.quant_conv` in place (fp32, CPU). images [N, 3, H, W]
     uint8. Returns the training record."""
     gen = torch.Generator().manual_seed(seed)
@@ -213,6 +214,12 @@ def smooth_encoder(vae, images: Tensor, steps: int = 400, batch: int = 16, lr: f
                 cos = _cos(u, data["d"][idx])
                 loss = loss + align_weight * (1 - cos).mean()
                 terms["cos"] = float(cos.detach().mean())
+                if lowpass_weight > 0:
+                    # The same cosine at the latent cell's scale (8×8 means): the flat colour
+                    # of a region, which the full-resolution cosine weighs little next to edges.
+                    cos_lp = _cos(F.avg_pool2d(u, 8), F.avg_pool2d(data["d"][idx], 8))
+                    loss = loss + lowpass_weight * (1 - cos_lp).mean()
+                    terms["cos_lowpass"] = float(cos_lp.detach().mean())
             if cycle_weight > 0:
                 with torch.no_grad():
                     z = _sample(tgt, torch.randn(tgt[:, :4].shape, generator=gen))
@@ -231,7 +238,7 @@ def smooth_encoder(vae, images: Tensor, steps: int = 400, batch: int = 16, lr: f
     vae.requires_grad_(False).eval()
     return {"steps": steps, "batch": batch, "lr": lr, "align_weight": align_weight,
             "cycle_weight": cycle_weight, "directions": directions, "seed": seed, "pool": pool,
-            "keep_off_weight": keep_off_weight,
+            "keep_off_weight": keep_off_weight, "lowpass_weight": lowpass_weight,
             "pool_seconds": pool_seconds, "seconds": round(time.perf_counter() - t0, 1),
             "history": hist}
 
@@ -310,6 +317,11 @@ def sds_gradient_check(model, obj: str = "chair", guidance: float = 7.5, reps: i
                 key = f"{name}_t{frac}"
                 out[key] = {p: round(float(_cos(-acc[p], d).mean()), 3)
                             for p in acc if acc[p].abs().sum() > 0}
+                # Share of the energy in colour (what is left after each pixel's grey level is
+                # taken out), of the gradient and of the target direction.
+                for nm, vec in (("chroma_grad", -acc["mean"]), ("chroma_target", d)):
+                    c = vec - vec.mean(1, keepdim=True)
+                    out[key][nm] = round(float(c.pow(2).sum() / vec.pow(2).sum().clamp_min(1e-20)), 3)
                 blur = F.avg_pool2d(acc["mean"], 5, 1, 2)
                 out[key]["hf_energy"] = round(float((acc["mean"] - blur).pow(2).sum()
                                                     / acc["mean"].pow(2).sum().clamp_min(1e-20)), 3)
@@ -372,7 +384,7 @@ TINY_CONFIG = dict(encoder_block_out_channels=(32, 32, 32, 32), num_encoder_bloc
 decoder is a placeholder: tdgen uses only the encoder (`model.sds_encoder=tiny`)."""
 
 
-def distil_tiny(vae, images: Tensor, steps: int = 1500, batch: int = 16, lr: float = 1e-3,
+def distil_tiny(vae, images: Tensor, steps: int = 500, batch: int = 16, lr: float = 1e-3,
                 align_weight: float = 0.2, directions: str = "mix", prior=None, seed: int = 0,
                 pool: int = 2048, log=print):
     """A fresh AutoencoderTiny whose encoder predicts `vae`'s scaled posterior mean (TAESD
