@@ -141,3 +141,36 @@ def test_samples_show_the_object_the_prompt_names(prior):
     got = [names[i] for i in dist.argmin(1).tolist()]
     want = [o for o in OBJECTS for _ in range(2)]
     assert sum(g == w for g, w in zip(got, want)) >= 7, (got, dist)
+
+
+def test_smooth_encoder_trains_only_the_encoder():
+    """`smooth-encoder` (issue 9, colours) must leave the decoder as it was, so the prior's UNet
+    stays valid, and its align term must raise cos(J_Eᵀ v, J_D v) on its own direction pool.
+    A tiny random AutoencoderKL, a few steps: seconds."""
+    from diffusers import AutoencoderKL
+
+    from benchmarks.toy_prior.smooth_encoder import _cos, _math_attention, direction_pool
+    from benchmarks.toy_prior.smooth_encoder import encoder_moments, smooth_encoder
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4,
+                        norm_num_groups=4, layers_per_block=1, sample_size=32)
+    images = (torch.rand(16, 3, 32, 32) * 255).to(torch.uint8)
+    dec0 = {k: v.clone() for k, v in vae.decoder.state_dict().items()}
+    # The pool smooth_encoder(seed=0) draws first from its generator: the one it trains on.
+    pool = direction_pool(vae, images, 16, torch.Generator().manual_seed(0), "random")
+
+    def mean_cos() -> float:
+        x = pool["x"].clone().requires_grad_(True)
+        with _math_attention():
+            u, = torch.autograd.grad(encoder_moments(vae, x)[:, :4], x, pool["v"])
+        return float(_cos(u, pool["d"]).mean())
+
+    before = mean_cos()
+    rec = smooth_encoder(vae, images, steps=30, batch=8, lr=2e-3, align_weight=1.0,
+                         directions="random", pool=16, log=lambda row: None)
+    assert all(torch.equal(dec0[k], v) for k, v in vae.decoder.state_dict().items())
+    assert rec["steps"] == 30
+    after = mean_cos()
+    assert after > before + 0.04, (before, after)  # measured .001 → .085

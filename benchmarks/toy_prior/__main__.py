@@ -4,6 +4,8 @@
     python -m benchmarks.toy_prior train --data /tmp/toy.npz --size cpu --out benchmarks/toy_prior_model
     python -m benchmarks.toy_prior stage1 --model benchmarks/toy_prior_model      # SDS recovery
     python -m benchmarks.toy_prior eval  --model DIR --device cuda                # tdgen make, per object
+    python -m benchmarks.toy_prior smooth-encoder --model DIR --data /tmp/toy.npz --out DIR2
+    python -m benchmarks.toy_prior grad-check --model DIR                         # SDS pixel gradient
 
 `train` also writes the DDIM+CFG sample sheet (`--sheet`) and the training record with the
 prompt gap per noise band (`--record`).
@@ -98,6 +100,38 @@ def cmd_eval(a) -> None:
         a.json_out.write_text(json.dumps(rows, indent=1) + "\n")
 
 
+def cmd_smooth_encoder(a) -> None:
+    from benchmarks.toy_prior.smooth_encoder import write_smoothed_prior
+
+    rec = write_smoothed_prior(a.model, a.data, a.out, steps=a.steps, batch=a.batch, lr=a.lr,
+                               align_weight=a.align_weight, cycle_weight=a.cycle_weight,
+                               directions=a.directions, seed=a.seed, pool=a.pool,
+                               keep_off_weight=a.keep_off_weight,
+                               lowpass_weight=a.lowpass_weight)
+    print(json.dumps({k: rec[k] for k in ("seconds", "psnr_db_before", "psnr_db_after")}))
+
+
+def cmd_distil_tiny(a) -> None:
+    from benchmarks.toy_prior.smooth_encoder import write_tiny_encoder
+
+    rec = write_tiny_encoder(a.model, a.data, a.out, steps=a.steps, batch=a.batch, lr=a.lr,
+                             align_weight=a.align_weight, seed=a.seed, pool=a.pool)
+    print(json.dumps({k: rec[k] for k in ("seconds", "latent_rel_mse")}))
+
+
+def cmd_grad_check(a) -> None:
+    from benchmarks.toy_prior.evaluate import load_prior
+    from benchmarks.toy_prior.smooth_encoder import sds_gradient_check
+
+    model = load_prior(a.model, a.device, tiny_encoder=a.tiny_encoder)
+    rows = {name: sds_gradient_check(model, name, seed=a.seed,
+                                     sheet=a.images / f"grad_{name}.png" if a.images else None)
+            for name in _objects(a.objects or "chair")}
+    print(json.dumps(rows))
+    if a.json_out:
+        a.json_out.write_text(json.dumps(rows, indent=1) + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.toy_prior",
                                  description=__doc__.split("\n\n")[0])
@@ -156,6 +190,46 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workdir", type=Path, required=True)
     p.add_argument("--json-out", type=Path, default=None)
     p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("smooth-encoder", parents=[common],
+                       help="fine-tune the VAE encoder so its backward follows the decoder")
+    p.add_argument("--model", type=Path, required=True, help="prior folder to start from")
+    p.add_argument("--data", type=Path, required=True, help="renders from `data`")
+    p.add_argument("--out", type=Path, required=True, help="prior folder to write (may be --model)")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--pool", type=int, default=2048,
+                   help="training inputs with precomputed directions and decoder JVPs")
+    p.add_argument("--align-weight", type=float, default=0.1)
+    p.add_argument("--keep-off-weight", type=float, default=1.0,
+                   help="weight of the keep term on the off-data inputs (soups, noise)")
+    p.add_argument("--lowpass-weight", type=float, default=0.0,
+                   help="weight of the align cosine taken on 8×8 means (flat colour)")
+    p.add_argument("--cycle-weight", type=float, default=0.0)
+    p.add_argument("--directions", choices=["random", "sds", "mix"], default="mix")
+    p.set_defaults(fn=cmd_smooth_encoder)
+
+    p = sub.add_parser("distil-tiny", parents=[common],
+                       help="distil a toy AutoencoderTiny from the prior's VAE encoder")
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="AutoencoderTiny folder to write")
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--pool", type=int, default=2048)
+    p.add_argument("--align-weight", type=float, default=0.2)
+    p.set_defaults(fn=cmd_distil_tiny)
+
+    p = sub.add_parser("grad-check", parents=[common],
+                       help="cosine of the SDS pixel gradient to the decoded target")
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--tiny-encoder", type=Path, default=None,
+                   help="AutoencoderTiny folder to use as the SDS encoder (model.sds_encoder=tiny)")
+    p.add_argument("--images", type=Path, default=None, help="folder for gradient sheets")
+    p.add_argument("--json-out", type=Path, default=None)
+    p.set_defaults(fn=cmd_grad_check)
 
     a = ap.parse_args(argv)
     torch.set_num_threads(max(1, a.threads))

@@ -27,12 +27,15 @@ HELD_OUT_AZIMUTHS = tuple(22.5 + 45.0 * k for k in range(8))
 Mode = Literal["normal", "flipped", "swapped"]
 
 
-def load_prior(folder: str | Path, device="cpu"):
-    """The prior through tdgen's own loader (the `--model FOLDER` path)."""
+def load_prior(folder: str | Path, device="cpu", tiny_encoder: str | Path | None = None):
+    """The prior through tdgen's own loader (the `--model FOLDER` path); with `tiny_encoder`, an
+    AutoencoderTiny folder as the SDS encoder (`model.sds_encoder=tiny`)."""
     from tdgen.guidance import load_model
 
+    tiny = {} if tiny_encoder is None else dict(sds_encoder="tiny",
+                                                tiny_encoder_id=str(tiny_encoder))
     return load_model(ModelConfig(id=str(folder), dtype="fp32" if torch.device(device).type
-                                  == "cpu" else "auto", cuda_graphs=False), device)
+                                  == "cpu" else "auto", cuda_graphs=False, **tiny), device)
 
 
 @torch.no_grad()
@@ -101,6 +104,33 @@ def silhouette_iou(gaussians, ref, cams) -> float:
     return float((a & r).sum() / (a | r).sum().clamp_min(1))
 
 
+@torch.no_grad()
+def colour_error(gaussians, ref, cams) -> dict:
+    """Mean |RGB| error (0–1 per channel) of the Gaussians' renders against the reference mesh's
+    where both cover the pixel (alpha > 0.5, black background), so it scores colour apart from
+    the silhouette; beside it the same error of the reference's own mean foreground colour painted
+    flat over that mask (a colourless but right-on-average result), and the covered fraction."""
+    from tdgen.raster import render_mesh
+    from tdgen.render import render_gaussians
+
+    bg = torch.zeros(len(cams), 3, device=cams.device)
+    out = render_gaussians(gaussians.to(cams.device), cams, bg)
+    a = out.alpha[..., 0] > 0.5
+    r_rgb, r_a = render_mesh(ref.mesh, torch.from_numpy(ref.texture), cams, bg)
+    r = r_a[..., 0] > 0.5
+    both = a & r
+    if not bool(both.any()):
+        return {"colour_err": float("nan"), "colour_err_flat": float("nan"), "covered": 0.0}
+    # Divide by alpha: a splat edge at alpha .6 over black is darker than its colour.
+    rgb = out.rgb / out.alpha.clamp_min(1e-6)
+    r_rgb = r_rgb / r_a.clamp_min(1e-6)
+    err = (rgb.clamp(0, 1) - r_rgb.clamp(0, 1)).abs()[both].mean()
+    flat = r_rgb[r].mean(0)
+    err_flat = (flat - r_rgb.clamp(0, 1)).abs()[both].mean()
+    return {"colour_err": float(err), "colour_err_flat": float(err_flat),
+            "covered": float(both.sum() / r.sum().clamp_min(1))}
+
+
 class _Probe:
     """Passes through to SDS (negated when `flip`: the loop then climbs the objective it should
     descend) and records how far renders leave [0, 1] (gsplat clamps colours only at 0)."""
@@ -147,6 +177,7 @@ def stage1_recovery(model, obj: str, cfg: Stage1Config, seed: int = 0, mode: Mod
     g = res.gaussians.detach()
     out = {"object": obj, "mode": mode, "steps": cfg.steps, "guidance": cfg.guidance_scale,
            "iou": silhouette_iou(g, ref, cams), "iou_turned": silhouette_iou(g, turned(ref), cams),
+           **colour_error(g, ref, cams),
            "gaussians": g.num, "seconds": round(res.seconds, 1), "nan_steps": sds.nan_count,
            "render_over_1": float(np.mean(guidance.over)), "render_max": guidance.max}
     if images is not None:
