@@ -1,4 +1,5 @@
-"""Import the diffusion stack on a background thread while the main thread starts up.
+"""Import the diffusion stack (and gsplat's CUDA extension) on a background thread while the main
+thread starts up.
 
 A fresh `tdgen make` spends seconds importing diffusers and transformers before it reads a byte of
 weights (the model load itself is under a second from the page cache: benchmarks/load_speed.py).
@@ -23,6 +24,10 @@ def _imports() -> None:
         import torch  # noqa: F401  (first: everything below needs it)
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel  # noqa: F401
         from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
+
+        if torch.cuda.is_available():
+            # gsplat's JIT extension: a fresh process re-checks and loads the build on first use.
+            from gsplat.cuda._backend import _C  # noqa: F401
     except BaseException:  # noqa: BLE001 — the main thread reports it
         pass
 
