@@ -85,6 +85,13 @@ class Stage1Config:
     """Largest diffusion timestep, as a fraction of the training schedule."""
     t_min: float = 0.02
     """Smallest diffusion timestep, as a fraction of the training schedule."""
+    sds_space: Literal["latent", "image"] = "latent"
+    """Where the SDS gradient is formed. `latent`: w(t)(ε̂ − ε) on the latents, carried to the
+    render through the VAE encoder's backward (DreamFusion, DreamGaussian). `image`: the CFG
+    one-step estimate x̂0 = (z_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t is decoded without grad and the render is
+    pulled toward it by w(t)(x − D(x̂0)) per pixel (HiFA's image-space term; DreamGaussian's
+    stage 2 fits a decoded target the same way): no encoder backward, one decoder forward per
+    step. With `model.sds_encoder = "tiny"` the model's full VAE decodes."""
     view_prompts: bool = True
     """Append ", front view" / ", side view" / ", back view" by camera azimuth (threestudio)."""
     negative_prompt: str = ""
