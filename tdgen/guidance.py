@@ -288,8 +288,9 @@ class SDSGuidance:
 
     def loss(self, images: Tensor, cams: Cameras, backgrounds: Tensor, progress: float) -> Tensor:
         """images [B, 3, H, W] in [0, 1] with grad; cams.azimuth [B] picks the view prompts;
-        backgrounds [B, 3] (unused by SDS) → scalar."""
-        if self.cfg.sds_space == "image":
+        backgrounds [B, 3] (unused by SDS) → scalar. `sds_space = "image"` runs latent SDS up to
+        `sds_image_start` of the run, then image-space SDS."""
+        if self.cfg.sds_space == "image" and progress >= self.cfg.sds_image_start:
             return self.image_loss(images, cams.azimuth, progress)
         latents = self.encode_images(images)
         return self.latent_loss(latents, cams.azimuth, progress)

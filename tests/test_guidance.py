@@ -296,8 +296,9 @@ def test_sds_loss_from_images_reaches_pixels(model):
 
 
 def _image_cfg(**kw):
-    return Stage1Config(guidance_scale=7.5, t_schedule="anneal", encode_resolution=64,
-                        sds_space="image", **kw)
+    base = dict(guidance_scale=7.5, t_schedule="anneal", encode_resolution=64,
+                sds_space="image", sds_image_start=0.0)
+    return Stage1Config(**{**base, **kw})
 
 
 @pytest.mark.parametrize("azimuths", [(0.0,), (0.0, 180.0)])
@@ -354,6 +355,21 @@ def test_image_space_runs_the_encoder_forward_only(model, emb):
     assert seen == [True, False]  # latent: a graph through the encoder; image: none
     # Same draws in both spaces (posterior sample, ε), so seeds stay comparable.
     assert torch.equal(gens["latent"].get_state(), gens["image"].get_state())
+
+
+def test_image_space_starts_after_latent_steps(model, emb):
+    """Before `sds_image_start` the image mode runs latent SDS (the shape forms first)."""
+    sds = SDSGuidance(model, emb, _image_cfg(sds_image_start=0.3),
+                      torch.Generator().manual_seed(0))
+    seen = []
+    hook = model.vae.encoder.register_forward_hook(lambda m, i, o: seen.append(o.requires_grad))
+    try:
+        for progress in (0.0, 0.29, 0.3, 0.9):
+            images = torch.rand(1, 3, 64, 64, requires_grad=True)
+            sds.loss(images, _cams(0.0), torch.ones(1, 3), progress).backward()
+    finally:
+        hook.remove()
+    assert seen == [True, True, False, False]
 
 
 def test_image_space_nan_guard(model, emb, monkeypatch):
@@ -427,7 +443,8 @@ def test_tiny_sds_encoder(tiny_model_dir, tmp_path, offline_hub):
     sds.loss(images, _cams(0.0), torch.ones(1, 3), 0.5).backward()
     assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
     # sds_space=image: the tiny encoder's latents, decoded by the full VAE kept beside it.
-    img = SDSGuidance(m, sds.embeddings, Stage1Config(encode_resolution=64, sds_space="image"),
+    img = SDSGuidance(m, sds.embeddings, Stage1Config(encode_resolution=64, sds_space="image",
+                                                      sds_image_start=0.0),
                       torch.Generator().manual_seed(0))
     images.grad = None
     img.loss(images, _cams(0.0), torch.ones(1, 3), 0.5).backward()
