@@ -243,7 +243,12 @@ class SDSGuidance:
                            else encode_prompt(model, prompt, cfg.negative_prompt, cfg.view_prompts))
         self.last_t: Tensor | None = None  # [B] long
         self.last_w: Tensor | None = None  # [B] fp32
+        self.last_target: Tensor | None = None  # [B, 3, R, R] in [0, 1]; sds_space = "image"
         self._nonfinite = torch.zeros((), dtype=torch.long, device=model.device)
+        if cfg.sds_space == "image" and getattr(model, "vae", None) is None:
+            raise ValueError("stage1.sds_space=image decodes its target with the model's VAE "
+                             "decoder, and this model has no VAE; load the full model or use "
+                             "stage1.sds_space=latent")
 
     @property
     def nan_count(self) -> int:
@@ -252,9 +257,7 @@ class SDSGuidance:
 
     def encode_images(self, images: Tensor) -> Tensor:
         """images [B, 3, H, W] in [0, 1] → scaled latents [B, 4, H/8, W/8] fp32, differentiable."""
-        res = self.cfg.encode_resolution
-        if res and tuple(images.shape[-2:]) != (res, res):
-            images = F.interpolate(images, (res, res), mode="bilinear", align_corners=False)
+        images = self._resize(images)
         # Clamp first (DreamGaussian does): gsplat clamps colours only at 0, and a VAE trained on
         # [-1, 1] images is asked nothing sensible by the > 1 values additive splats reach.
         x = (images.clamp(0.0, 1.0) * 2 - 1).to(self.model.dtype)
@@ -267,17 +270,37 @@ class SDSGuidance:
             latents = dist.sample(generator=self.generator) * self.model.vae.config.scaling_factor
         return latents.float()
 
+    def _resize(self, images: Tensor) -> Tensor:  # [B, 3, H, W] → [B, 3, R, R], R the encode size
+        res = self.cfg.encode_resolution
+        if res and tuple(images.shape[-2:]) != (res, res):
+            images = F.interpolate(images, (res, res), mode="bilinear", align_corners=False)
+        return images
+
+    @torch.no_grad()
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """Scaled latents [B, 4, h, w] → images [B, 3, 8h, 8w] in [0, 1] fp32, without grad.
+
+        Always the model's full VAE decoder: a tiny SDS encoder predicts the same scaled latents
+        (TAESD is distilled to), and load_model keeps the full VAE beside it."""
+        vae = self.model.vae
+        out = vae.decode((latents / vae.config.scaling_factor).to(self.model.dtype)).sample
+        return ((out.float() + 1) / 2).clamp(0.0, 1.0)
+
     def loss(self, images: Tensor, cams: Cameras, backgrounds: Tensor, progress: float) -> Tensor:
         """images [B, 3, H, W] in [0, 1] with grad; cams.azimuth [B] picks the view prompts;
-        backgrounds [B, 3] (unused by SDS) → scalar."""
+        backgrounds [B, 3] (unused by SDS) → scalar. `sds_space = "image"` runs latent SDS up to
+        `sds_image_start` of the run, then image-space SDS."""
+        if self.cfg.sds_space == "image" and progress >= self.cfg.sds_image_start:
+            return self.image_loss(images, cams.azimuth, progress)
         latents = self.encode_images(images)
         return self.latent_loss(latents, cams.azimuth, progress)
 
-    def latent_loss(self, latents: Tensor, azimuth: Tensor, progress: float) -> Tensor:
-        """SDS on latents [B, 4, h, w] fp32 with grad; azimuth [B] degrees → scalar.
+    @torch.no_grad()
+    def _predict(self, latents: Tensor, azimuth: Tensor, progress: float):
+        """Draw t and ε, noise the latents [B, 4, h, w] and run the CFG UNet.
 
         Random draws, in order: t (random schedule only), then ε ~ N(0, I) of the latents' shape.
-        """
+        → (t [B] long, ε, z_t, ε̂ [B, 4, h, w] fp32, w [B] fp32)."""
         model = self.model
         b = latents.shape[0]
         t = sample_timesteps(self.cfg, model.num_train_timesteps, progress, b, self.generator,
@@ -286,20 +309,65 @@ class SDSGuidance:
                             dtype=torch.float32).to(latents.device)
         cond = view_embeddings(self.embeddings, azimuth)
         uncond = self.embeddings.uncond.expand(b, -1, -1)
-        with torch.no_grad():
-            noisy = model.scheduler.add_noise(latents.detach(), noise, t)
-            eps_hat = predict_noise_cfg(model, noisy, t, cond, uncond, self.cfg.guidance_scale)
-            # w(t) = 1 − ᾱ_t (DreamFusion's choice, as in DreamGaussian).
-            w = 1.0 - model.alphas_cumprod[t]
-            grad = w.view(-1, 1, 1, 1) * (eps_hat - noise)
-            # A NaN from an fp16 overflow (or non-finite latents from the renderer or encoder) must
-            # not poison every Gaussian: count it without a sync, zero the gradient, and make the
-            # loss value NaN so stage 1's guard skips the step instead of stepping Adam on zeros.
-            bad = (~torch.isfinite(grad)).any() | (~torch.isfinite(latents.detach())).any()
-            self._nonfinite += bad.long()
-            grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+        noisy = model.scheduler.add_noise(latents, noise, t)
+        eps_hat = predict_noise_cfg(model, noisy, t, cond, uncond, self.cfg.guidance_scale)
+        # w(t) = 1 − ᾱ_t (DreamFusion's choice, as in DreamGaussian).
+        w = 1.0 - model.alphas_cumprod[t]
         self.last_t, self.last_w = t, w
+        return t, noise, noisy, eps_hat, w
+
+    def _guard(self, grad: Tensor, *inputs: Tensor) -> tuple[Tensor, Tensor]:
+        """A NaN from an fp16 overflow (or non-finite renders, latents or decoded targets) must
+        not poison every Gaussian: count it without a sync and zero the gradient; the returned
+        flag makes the loss value NaN so stage 1's guard skips the step instead of stepping Adam
+        on zeros."""
+        bad = (~torch.isfinite(grad)).any()
+        for x in inputs:
+            bad = bad | (~torch.isfinite(x)).any()
+        self._nonfinite += bad.long()
+        return torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0), bad
+
+    def latent_loss(self, latents: Tensor, azimuth: Tensor, progress: float) -> Tensor:
+        """SDS on latents [B, 4, h, w] fp32 with grad; azimuth [B] degrees → scalar.
+
+        Random draws, in order: t (random schedule only), then ε ~ N(0, I) of the latents' shape.
+        """
+        with torch.no_grad():
+            _, noise, _, eps_hat, w = self._predict(latents.detach(), azimuth, progress)
+            grad, bad = self._guard(w.view(-1, 1, 1, 1) * (eps_hat - noise), latents.detach())
         loss = _SDSSurrogate.apply(latents, grad)
+        return torch.where(bad, torch.full_like(loss, float("nan")), loss)
+
+    def image_loss(self, images: Tensor, azimuth: Tensor, progress: float) -> Tensor:
+        """Image-space SDS (`sds_space = "image"`): images [B, 3, H, W] with grad; azimuth [B]
+        degrees → scalar whose gradient w.r.t. the images resized to `encode_resolution` is
+        exactly w(t)·(x − D(x̂0)) / B.
+
+        Random draws as the latent path's, in order: the posterior sample (VAE encoder), t
+        (random schedule only), ε, so a seed gives the same t and ε in both spaces.
+        """
+        model = self.model
+        x = self._resize(images)  # [B, 3, R, R], not clamped
+        with torch.no_grad():
+            # Encoder forward only: the gradient comes from the decoded target, not from J_Eᵀ.
+            latents = self.encode_images(x)
+            t, _, noisy, eps_hat, w = self._predict(latents, azimuth, progress)
+            ac = model.alphas_cumprod[t].view(-1, 1, 1, 1)
+            x0 = (noisy - (1 - ac).sqrt() * eps_hat) / ac.sqrt()  # [B, 4, h, w]
+            target = self.decode_latents(x0)  # [B, 3, 8h, 8w] in [0, 1]
+            if target.shape[-2:] != x.shape[-2:]:  # encode_resolution 0 at a size not /8
+                target = F.interpolate(target, x.shape[-2:], mode="bilinear", align_corners=False)
+            # The residual is taken on the unclamped render, not on the clamp the encoder saw:
+            # through clamp(0, 1) a pixel above 1 (additive splats reach ~2) gets no gradient
+            # at all, while the target is a colour in [0, 1] that such a pixel should move to.
+            # Scale: the plain gradient of w·½‖x − sg(D(x̂0))‖² summed over [0, 1] pixels, as
+            # the latent path sums over latents. Adam (per-parameter) and densify_fraction (a
+            # quantile) do not see a global factor; densify_grad (densify_fraction = 0) and the
+            # loss readout do.
+            grad, bad = self._guard(w.view(-1, 1, 1, 1) * (x.detach() - target), eps_hat)
+        self.last_target = target
+        # Readout ½‖g‖²/B, the latent path's convention (there g is w(ε̂ − ε)).
+        loss = _SDSSurrogate.apply(x, grad)
         return torch.where(bad, torch.full_like(loss, float("nan")), loss)
 
 

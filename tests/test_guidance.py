@@ -295,6 +295,120 @@ def test_sds_loss_from_images_reaches_pixels(model):
     assert native.encode_images(images).shape == (2, 4, 4, 4)  # 0 keeps the render size
 
 
+def _image_cfg(**kw):
+    base = dict(guidance_scale=7.5, t_schedule="anneal", encode_resolution=64,
+                sds_space="image", sds_image_start=0.0)
+    return Stage1Config(**{**base, **kw})
+
+
+@pytest.mark.parametrize("azimuths", [(0.0,), (0.0, 180.0)])
+def test_image_space_gradient_is_weighted_residual_to_decoded_target(model, emb, azimuths):
+    b = len(azimuths)
+    seed, progress = 123, 0.3
+    sds = SDSGuidance(model, emb, _image_cfg(), torch.Generator().manual_seed(seed))
+    # Some values outside [0, 1] (additive splats reach ~2): their residual must still count.
+    images = torch.rand(b, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 1.4 - 0.2
+    images.requires_grad_(True)
+    loss = sds.loss(images, _cams(*azimuths), torch.ones(b, 3), progress)
+    loss.backward()
+
+    # Independent reference: the encoder's posterior sample, then ε, from the same generator;
+    # SD's ᾱ; one plain UNet call; x̂0 decoded by the VAE.
+    vae, sf = model.vae, model.vae.config.scaling_factor
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        z = vae.encode(images.detach().clamp(0, 1) * 2 - 1).latent_dist.sample(generator=g) * sf
+        noise = torch.randn(z.shape, generator=g)
+        t = round((0.98 - 0.96 * progress) * 1000)
+        ab = _sd_alphas_cumprod()[t]
+        noisy = ab.sqrt() * z + (1 - ab).sqrt() * noise
+        cond = torch.cat([emb.views[view_name(a)] for a in azimuths])
+        text = torch.cat([emb.uncond.expand(b, -1, -1), cond])
+        out = model.unet(torch.cat([noisy, noisy]), torch.full((2 * b,), t),
+                         encoder_hidden_states=text).sample
+        eps_hat = out[:b] + 7.5 * (out[b:] - out[:b])
+        x0 = (noisy - (1 - ab).sqrt() * eps_hat) / ab.sqrt()
+        target = ((vae.decode(x0 / sf).sample + 1) / 2).clamp(0, 1)
+    expected = (1 - ab) * (images.detach() - target)
+
+    assert sds.last_t.tolist() == [t] * b
+    torch.testing.assert_close(sds.last_target, target, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(images.grad, expected / b, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(loss, 0.5 * expected.pow(2).sum() / b, rtol=1e-4, atol=1e-5)
+    assert (images.grad[images.detach() > 1] > 0).any()  # not cut off by the encoder's clamp
+
+
+def test_image_space_runs_the_encoder_forward_only(model, emb):
+    seen = []
+    hook = model.vae.encoder.register_forward_hook(lambda m, i, o: seen.append(o.requires_grad))
+    try:
+        gens = {}
+        for space in ("latent", "image"):
+            gens[space] = torch.Generator().manual_seed(0)
+            cfg = dataclasses.replace(_image_cfg(), sds_space=space)
+            sds = SDSGuidance(model, emb, cfg, gens[space])
+            images = torch.rand(1, 3, 32, 32, requires_grad=True)
+            sds.loss(images, _cams(0.0), torch.ones(1, 3), 0.5).backward()
+            assert images.grad.abs().sum() > 0  # resized to 64, and the gradient still arrives
+    finally:
+        hook.remove()
+    assert seen == [True, False]  # latent: a graph through the encoder; image: none
+    # Same draws in both spaces (posterior sample, ε), so seeds stay comparable.
+    assert torch.equal(gens["latent"].get_state(), gens["image"].get_state())
+
+
+def test_image_space_starts_after_latent_steps(model, emb):
+    """Before `sds_image_start` the image mode runs latent SDS (the shape forms first)."""
+    sds = SDSGuidance(model, emb, _image_cfg(sds_image_start=0.3),
+                      torch.Generator().manual_seed(0))
+    seen = []
+    hook = model.vae.encoder.register_forward_hook(lambda m, i, o: seen.append(o.requires_grad))
+    try:
+        for progress in (0.0, 0.29, 0.3, 0.9):
+            images = torch.rand(1, 3, 64, 64, requires_grad=True)
+            sds.loss(images, _cams(0.0), torch.ones(1, 3), progress).backward()
+    finally:
+        hook.remove()
+    assert seen == [True, True, False, False]
+
+
+def test_image_space_nan_guard(model, emb, monkeypatch):
+    import tdgen.guidance as G
+
+    sds = SDSGuidance(model, emb, _image_cfg(), torch.Generator().manual_seed(0))
+
+    def step(images):
+        images.requires_grad_(True)
+        loss = sds.loss(images, _cams(0.0), torch.ones(1, 3), 0.5)
+        loss.backward()
+        assert torch.isfinite(images.grad).all()
+        return loss, images.grad
+
+    bad = torch.rand(1, 3, 64, 64)
+    bad[0, 0, 5, 5] = float("nan")  # a non-finite render
+    loss, grad = step(bad)
+    assert torch.isnan(loss) and (grad == 0).all() and sds.nan_count == 1
+
+    with monkeypatch.context() as m:  # a non-finite decoded target
+        m.setattr(sds, "decode_latents", lambda z: torch.full((1, 3, 64, 64), float("nan")))
+        loss, grad = step(torch.rand(1, 3, 64, 64))
+    assert torch.isnan(loss) and (grad == 0).all() and sds.nan_count == 2
+
+    with monkeypatch.context() as m:  # a non-finite ε̂ (an fp16 overflow in the UNet)
+        m.setattr(G, "predict_noise_cfg", lambda *a, **k: torch.full((1, 4, 8, 8), float("inf")))
+        loss, grad = step(torch.rand(1, 3, 64, 64))
+    assert torch.isnan(loss) and (grad == 0).all() and sds.nan_count == 3
+
+    loss, grad = step(torch.rand(1, 3, 64, 64))
+    assert torch.isfinite(loss) and grad.abs().sum() > 0 and sds.nan_count == 3
+
+
+def test_image_space_needs_a_vae_decoder(model, emb):
+    with pytest.raises(ValueError, match="sds_space=latent"):
+        SDSGuidance(dataclasses.replace(model, vae=None), emb, _image_cfg(),
+                    torch.Generator().manual_seed(0))
+
+
 def test_v_prediction_is_converted_to_epsilon(model, emb):
     from diffusers import DDIMScheduler
 
@@ -327,6 +441,14 @@ def test_tiny_sds_encoder(tiny_model_dir, tmp_path, offline_hub):
     images = torch.rand(1, 3, 64, 64, requires_grad=True)
     assert sds.encode_images(images).shape == (1, 4, 8, 8)
     sds.loss(images, _cams(0.0), torch.ones(1, 3), 0.5).backward()
+    assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
+    # sds_space=image: the tiny encoder's latents, decoded by the full VAE kept beside it.
+    img = SDSGuidance(m, sds.embeddings, Stage1Config(encode_resolution=64, sds_space="image",
+                                                      sds_image_start=0.0),
+                      torch.Generator().manual_seed(0))
+    images.grad = None
+    img.loss(images, _cams(0.0), torch.ones(1, 3), 0.5).backward()
+    assert img.last_target.shape == (1, 3, 64, 64) and img.nan_count == 0
     assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
 
     with pytest.raises(ModelNotFoundError, match="hf download"):
