@@ -213,13 +213,10 @@ def make(
     """Generate a textured .glb from a text prompt."""
 
     def go():
-        cfg = _resolve(preset, set_, config_file, seed=seed, model=model, negative=negative, lods=lods)
-        from tdgen.prefetch import start_model_imports
-
-        start_model_imports()  # the settings are valid, so the model will be needed
         from tdgen.pipeline import generate
         from tdgen.runtime import resolve_device
 
+        cfg = _resolve(preset, set_, config_file, seed=seed, model=model, negative=negative, lods=lods)
         dev = resolve_device(device)
         note = _cpu_note(cfg, preset) if dev.type == "cpu" else None
         with _Bars(enabled=err.is_terminal or not as_json, note=note) as bars:
