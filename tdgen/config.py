@@ -92,15 +92,20 @@ class Stage1Config:
     pulled toward it by w(t)(x − D(x̂0)) per pixel (HiFA's image-space term; DreamGaussian's
     stage 2 fits a decoded target the same way): no encoder backward, one decoder forward per
     step. With `model.sds_encoder = "tiny"` the model's full VAE decodes. On the toy prior (CI
-    config, 4 objects × 3 seeds) `image` with guidance 7.5 gave masked colour error .123 against
-    latent's .243 and a flat mean colour's .215, at mean IoU .699 against .666; at guidance 20 its
-    targets are oversaturated (.197, IoU .645). Not yet measured on Stable Diffusion."""
+    config, 4 objects × 3 seeds) `image` (its part at `sds_image_guidance` 7.5) gave masked colour
+    error .126 against latent's .243 and a flat mean colour's .216, at mean IoU .700 against .666.
+    Not yet measured on Stable Diffusion."""
     sds_image_start: float = 0.3
     """`sds_space = "image"`: fraction of the steps run with latent SDS before the image-space
     target takes over (DreamGaussian's own order: latent SDS forms the shape, a decoded target
     refines). From step 0 the high-t targets are whole-frame blurs that the splats follow into a
     fog: the white mug on the toy prior filled every view (IoU .07, 3 of 3 seeds); from 0.3 it
     was recovered (.87)."""
+    sds_image_guidance: float = 7.5
+    """`sds_space = "image"`: CFG scale of the image-space part (the latent part keeps
+    `guidance_scale`). A decoded one-step target at a latent-SDS guidance is oversaturated: on
+    the toy prior (latent part at 20) image-space at 7.5 gave colour error .126 and IoU .700,
+    at 20 .197 and .645. 7.5 is SD's own sampling default; not yet measured on SD."""
     view_prompts: bool = True
     """Append ", front view" / ", side view" / ", back view" by camera azimuth (threestudio)."""
     negative_prompt: str = ""
@@ -548,6 +553,7 @@ LIMITS: dict[str, tuple[float, float, str]] = {
     "stage1.densify_fraction": (0.0, 1.0, "0 uses densify_grad"),
     "stage1.opacity_reset_every": (0, 1_000_000, "0 never resets"),
     "stage1.sds_image_start": (0.0, 1.0, "a fraction of the steps"),
+    "stage1.sds_image_guidance": (0.0, 1000.0, ""),
     "mesh.grid": (16, 512, "memory grows with its cube"),
     "mesh.views": (4, 1024, "depth views of the fusion surface"),
     "mesh.view_resolution": (32, 2048, "memory grows with its square"),

@@ -296,7 +296,7 @@ class SDSGuidance:
         return self.latent_loss(latents, cams.azimuth, progress)
 
     @torch.no_grad()
-    def _predict(self, latents: Tensor, azimuth: Tensor, progress: float):
+    def _predict(self, latents: Tensor, azimuth: Tensor, progress: float, guidance: float):
         """Draw t and ε, noise the latents [B, 4, h, w] and run the CFG UNet.
 
         Random draws, in order: t (random schedule only), then ε ~ N(0, I) of the latents' shape.
@@ -310,7 +310,7 @@ class SDSGuidance:
         cond = view_embeddings(self.embeddings, azimuth)
         uncond = self.embeddings.uncond.expand(b, -1, -1)
         noisy = model.scheduler.add_noise(latents, noise, t)
-        eps_hat = predict_noise_cfg(model, noisy, t, cond, uncond, self.cfg.guidance_scale)
+        eps_hat = predict_noise_cfg(model, noisy, t, cond, uncond, guidance)
         # w(t) = 1 − ᾱ_t (DreamFusion's choice, as in DreamGaussian).
         w = 1.0 - model.alphas_cumprod[t]
         self.last_t, self.last_w = t, w
@@ -333,7 +333,8 @@ class SDSGuidance:
         Random draws, in order: t (random schedule only), then ε ~ N(0, I) of the latents' shape.
         """
         with torch.no_grad():
-            _, noise, _, eps_hat, w = self._predict(latents.detach(), azimuth, progress)
+            _, noise, _, eps_hat, w = self._predict(latents.detach(), azimuth, progress,
+                                                    self.cfg.guidance_scale)
             grad, bad = self._guard(w.view(-1, 1, 1, 1) * (eps_hat - noise), latents.detach())
         loss = _SDSSurrogate.apply(latents, grad)
         return torch.where(bad, torch.full_like(loss, float("nan")), loss)
@@ -351,7 +352,8 @@ class SDSGuidance:
         with torch.no_grad():
             # Encoder forward only: the gradient comes from the decoded target, not from J_Eᵀ.
             latents = self.encode_images(x)
-            t, _, noisy, eps_hat, w = self._predict(latents, azimuth, progress)
+            t, _, noisy, eps_hat, w = self._predict(latents, azimuth, progress,
+                                                     self.cfg.sds_image_guidance)
             ac = model.alphas_cumprod[t].view(-1, 1, 1, 1)
             x0 = (noisy - (1 - ac).sqrt() * eps_hat) / ac.sqrt()  # [B, 4, h, w]
             target = self.decode_latents(x0)  # [B, 3, 8h, 8w] in [0, 1]

@@ -68,6 +68,7 @@ def test_set_overrides_are_typed():
         ("export.lod_layout=unity", "use one of files, nodes, msft_lod"),
         ("stage1.sds_space=pixel", "use one of latent, image"),
         ("stage1.sds_image_start=1.5", "use a value from 0 to 1 (a fraction of the steps)"),
+        ("stage1.sds_image_guidance=-1", "use a value from 0 to 1000"),
         ("stage1.view_prompts=maybe", "true or false"),
         ("texture.size=1000", "power of two"),
         ("stage1.steps=0", "use a value from 1 to 100000"),

@@ -296,8 +296,9 @@ def test_sds_loss_from_images_reaches_pixels(model):
 
 
 def _image_cfg(**kw):
-    base = dict(guidance_scale=7.5, t_schedule="anneal", encode_resolution=64,
-                sds_space="image", sds_image_start=0.0)
+    # The image part's CFG is its own (7.5 here), not the latent part's guidance_scale.
+    base = dict(guidance_scale=20.0, sds_image_guidance=7.5, t_schedule="anneal",
+                encode_resolution=64, sds_space="image", sds_image_start=0.0)
     return Stage1Config(**{**base, **kw})
 
 
