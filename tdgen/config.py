@@ -219,6 +219,16 @@ class TextureConfig:
     """Length of the DDIM schedule the SDEdit strength refers to."""
     refine_guidance_scale: float = 7.5
     """Classifier-free guidance scale of the img2img denoising."""
+    refine_background: Literal["white", "black", "random"] = "white"
+    """Background of the refinement renders (DreamGaussian: white), or white or black at random
+    per view, stage 1's distribution: what a denoiser bleeds into the object's edges then
+    averages out instead of building up (tests/test_refine.py), at the price of a noisier walk."""
+    refine_margin: float = 1.8
+    """How far the refinement cameras stand: the mesh's bounding sphere times this fills the
+    view. 1.8 is how large stage 1 shows its objects (bulk radius ~0.5 in stage 2's frame, seen
+    from 2.5 at 49.1°), so the model judges the object at the size it saw during SDS. At 1.1
+    (the mesh filling the view, before 2026-12-03) the toy prior's VAE alone brightened a mug's
+    render from 0.82 to 0.93 and refinement turned its texture white."""
     normal_map: bool = True
     """Bake a tangent-space normal map (texture.size², glTF `normalTexture`, with `TANGENT`) from
     the surface before decimation onto the decimated mesh, so lit renders keep the detail the
@@ -576,6 +586,7 @@ LIMITS: dict[str, tuple[float, float, str]] = {
     "texture.refine_strength_end": (0.01, 1.0, ""),
     "texture.refine_ddim_steps": (1, 1000, ""),
     "texture.refine_guidance_scale": (0.0, 100.0, ""),
+    "texture.refine_margin": (1.0, 10.0, "1 puts the bounding sphere at the frame's edge"),
     "export.height": (0.001, 1000.0, "metres"),
     "export.lods": (0, 8, "each halves the triangles"),
     "export.collision_hulls": (1, 256, "each is one convex collider"),

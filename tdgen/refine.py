@@ -29,6 +29,16 @@ def strength_at(step: int, steps: int, cfg: TextureConfig) -> float:
     return cfg.refine_strength_start + (cfg.refine_strength_end - cfg.refine_strength_start) * frac
 
 
+def _background(cfg: TextureConfig, generator: torch.Generator, device) -> Tensor:  # [1, 3]
+    if cfg.refine_background == "random":
+        # One draw per view, the same white/black choice stage 1 trains with: what the
+        # denoiser bleeds into the edges then averages out instead of building up.
+        white = bool(torch.rand(1, generator=generator, device=generator.device) < 0.5)
+    else:
+        white = cfg.refine_background == "white"
+    return torch.full((1, 3), 1.0 if white else 0.0, device=device)
+
+
 def refine_texture(
     mesh: Mesh,  # with uvs
     texture: Tensor,  # [S, S, 3] in [0, 1], row 0 = top
@@ -59,7 +69,6 @@ def refine_texture(
     start = texture.detach().to(device=device, dtype=torch.float32).clamp(eps, 1.0 - eps)
     logits = torch.logit(start).requires_grad_(True)
     opt = torch.optim.Adam([logits], lr=cfg.refine_lr)
-    white = torch.ones(1, 3, device=device)
     uncond = embeddings.uncond.to(model.device)
     on_progress(Progress("refine", 0, steps))
 
@@ -69,10 +78,10 @@ def refine_texture(
         lo, hi = ELEVATION_RANGE
         el, az = lo + (hi - lo) * u[0], -180.0 + 360.0 * u[1]
         cam = framing_cameras(mesh.vertices, [el], [az], cfg.refine_resolution, fovy=REFINE_FOVY,
-                              device=device)
+                              margin=cfg.refine_margin, device=device)
         # 2. render the current texture (differentiable w.r.t. its logits)
         tex = torch.sigmoid(logits)  # [S, S, 3]
-        rgb, alpha = render_mesh(mesh, tex, cam, white)  # [1, H, W, 3], [1, H, W, 1]
+        rgb, alpha = render_mesh(mesh, tex, cam, _background(cfg, generator, device))
         # 3. the model's cleaner version of the render, with the view's prompt
         name = view_name(az)
         cond = embeddings.views[name] if name in embeddings.views else embeddings.views["none"]
