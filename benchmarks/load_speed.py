@@ -2,7 +2,7 @@
 local diffusers folder, by two routes, each in a fresh process (the page cache is warm after a
 priming read, as it is for a user's second run).
 
-- `host`: what `tdgen.model.load_model` did until 2026-12-03 — read to host memory, then `.to()`.
+- `host`: what `tdgen.model.load_model` does — read to host memory, then `.to()`.
 - `direct`: the weights go from the safetensors files straight to the device (`device_map`).
 - `tdgen`: `tdgen.model.load_model` as it is now.
 
