@@ -81,7 +81,8 @@ def refine_texture(
                               margin=cfg.refine_margin, device=device)
         # 2. render the current texture (differentiable w.r.t. its logits)
         tex = torch.sigmoid(logits)  # [S, S, 3]
-        rgb, alpha = render_mesh(mesh, tex, cam, _background(cfg, generator, device))
+        bg = _background(cfg, generator, device)
+        rgb, alpha = render_mesh(mesh, tex, cam, bg)  # [1, H, W, 3], [1, H, W, 1]
         # 3. the model's cleaner version of the render, with the view's prompt
         name = view_name(az)
         cond = embeddings.views[name] if name in embeddings.views else embeddings.views["none"]
