@@ -231,6 +231,17 @@ def sample_timesteps(cfg: Stage1Config, num_train_timesteps: int, progress: floa
                          dtype=torch.long).to(device)
 
 
+@torch.no_grad()
+def decode_latents(model: DiffusionModel, latents: Tensor) -> Tensor:
+    """Scaled latents [B, 4, h, w] → images [B, 3, 8h, 8w] in [0, 1] fp32, without grad.
+
+    Always the model's full VAE decoder: a tiny SDS encoder predicts the same scaled latents
+    (TAESD is distilled to), and load_model keeps the full VAE beside it."""
+    vae = model.vae
+    out = vae.decode((latents / vae.config.scaling_factor).to(model.dtype)).sample
+    return ((out.float() + 1) / 2).clamp(0.0, 1.0)
+
+
 class SDSGuidance:
     """Score distillation sampling (DreamFusion) with DreamGaussian's timestep anneal."""
 
@@ -275,16 +286,6 @@ class SDSGuidance:
         if res and tuple(images.shape[-2:]) != (res, res):
             images = F.interpolate(images, (res, res), mode="bilinear", align_corners=False)
         return images
-
-    @torch.no_grad()
-    def decode_latents(self, latents: Tensor) -> Tensor:
-        """Scaled latents [B, 4, h, w] → images [B, 3, 8h, 8w] in [0, 1] fp32, without grad.
-
-        Always the model's full VAE decoder: a tiny SDS encoder predicts the same scaled latents
-        (TAESD is distilled to), and load_model keeps the full VAE beside it."""
-        vae = self.model.vae
-        out = vae.decode((latents / vae.config.scaling_factor).to(self.model.dtype)).sample
-        return ((out.float() + 1) / 2).clamp(0.0, 1.0)
 
     def loss(self, images: Tensor, cams: Cameras, backgrounds: Tensor, progress: float) -> Tensor:
         """images [B, 3, H, W] in [0, 1] with grad; cams.azimuth [B] picks the view prompts;
@@ -356,7 +357,7 @@ class SDSGuidance:
                                                      self.cfg.sds_image_guidance)
             ac = model.alphas_cumprod[t].view(-1, 1, 1, 1)
             x0 = (noisy - (1 - ac).sqrt() * eps_hat) / ac.sqrt()  # [B, 4, h, w]
-            target = self.decode_latents(x0)  # [B, 3, 8h, 8w] in [0, 1]
+            target = decode_latents(model, x0)  # [B, 3, 8h, 8w] in [0, 1]
             if target.shape[-2:] != x.shape[-2:]:  # encode_resolution 0 at a size not /8
                 target = F.interpolate(target, x.shape[-2:], mode="bilinear", align_corners=False)
             # The residual is taken on the unclamped render, not on the clamp the encoder saw:
@@ -418,5 +419,4 @@ def img2img_target(model: DiffusionModel, images: Tensor, cond: Tensor, uncond: 
         # SDS when the sizes match) removes the launch gaps here too.
         eps = predict_noise_cfg(model, latents, tb, cond, uncond, guidance_scale)
         latents = sched.step(eps, t, latents).prev_sample
-    out = vae.decode((latents / vae.config.scaling_factor).to(model.dtype)).sample
-    return ((out.float() + 1) / 2).clamp(0, 1)
+    return decode_latents(model, latents)

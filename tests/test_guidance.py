@@ -391,7 +391,7 @@ def test_image_space_nan_guard(model, emb, monkeypatch):
     assert torch.isnan(loss) and (grad == 0).all() and sds.nan_count == 1
 
     with monkeypatch.context() as m:  # a non-finite decoded target
-        m.setattr(sds, "decode_latents", lambda z: torch.full((1, 3, 64, 64), float("nan")))
+        m.setattr(G, "decode_latents", lambda model, z: torch.full((1, 3, 64, 64), float("nan")))
         loss, grad = step(torch.rand(1, 3, 64, 64))
     assert torch.isnan(loss) and (grad == 0).all() and sds.nan_count == 2
 

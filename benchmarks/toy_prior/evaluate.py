@@ -44,7 +44,7 @@ def sample(model, texts: list[str], size: int, guidance: float, steps: int,
     """DDIM with classifier-free guidance from pure noise: → [N, 3, size, size] in [0, 1]."""
     from diffusers import DDIMScheduler
 
-    from tdgen.guidance import encode_texts, predict_noise_cfg
+    from tdgen.guidance import decode_latents, encode_texts, predict_noise_cfg
 
     sched = DDIMScheduler.from_config(model.scheduler.config, clip_sample=False)
     sched.set_timesteps(steps, device=model.device)
@@ -57,9 +57,7 @@ def sample(model, texts: list[str], size: int, guidance: float, steps: int,
         tb = t.reshape(1).repeat(len(texts)).to(model.device)
         eps = predict_noise_cfg(model, lat, tb, cond, uncond, guidance, use_graphs=False)
         lat = sched.step(eps, t, lat).prev_sample
-    vae = model.vae
-    img = vae.decode((lat / vae.config.scaling_factor).to(model.dtype)).sample.float()
-    return ((img + 1) / 2).clamp(0, 1)
+    return decode_latents(model, lat)
 
 
 def sample_sheet(model, objects: list[str], size: int, path: Path, guidance: float = 7.5,
