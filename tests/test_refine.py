@@ -37,6 +37,19 @@ def model_and_embeddings(tiny_model_dir):
     return model, encode_prompt(model, "a wooden barrel")
 
 
+class _StubModel:
+    """What refine_texture reads of a DiffusionModel once img2img_target is replaced."""
+    device = torch.device("cpu")
+    dtype = torch.float32
+
+
+def _blank_embeddings():
+    from tdgen.guidance import PromptEmbeddings
+
+    return PromptEmbeddings(uncond=torch.zeros(1, 4, 8),
+                            views={k: torch.zeros(1, 4, 8) for k in ("front", "side", "back")})
+
+
 def start_texture():
     g = torch.Generator().manual_seed(0)
     return torch.rand(64, 64, 3, generator=g) * 0.5 + 0.25
@@ -138,14 +151,9 @@ def test_ideal_targets_never_make_the_bake_worse(mesh, monkeypatch):
     monkeypatch.setattr(refine, "framing_cameras", recording_framing)
     monkeypatch.setattr(guidance, "img2img_target", ideal_img2img)
 
-    class Model:
-        device = torch.device("cpu")
-        dtype = torch.float32
-
-    emb = guidance.PromptEmbeddings(uncond=torch.zeros(1, 4, 8),
-                                    views={k: torch.zeros(1, 4, 8) for k in ("front", "side", "back")})
+    emb = _blank_embeddings()
     cfg = replace(TextureConfig(), size=64, refine_resolution=64)  # default steps and lr
-    out = refine_texture(mesh, bake, Model(), emb, cfg, "cpu", make_generator(0))
+    out = refine_texture(mesh, bake, _StubModel(), emb, cfg, "cpu", make_generator(0))
     inside = chart_mask(mesh, 64)
 
     def rms(t):
@@ -173,15 +181,10 @@ def test_background_bleed_averages_out_on_random_backgrounds(mesh, monkeypatch, 
 
     monkeypatch.setattr(guidance, "img2img_target", blurring_img2img)
 
-    class Model:
-        device = torch.device("cpu")
-        dtype = torch.float32
-
-    emb = guidance.PromptEmbeddings(uncond=torch.zeros(1, 4, 8),
-                                    views={k: torch.zeros(1, 4, 8) for k in ("front", "side", "back")})
+    emb = _blank_embeddings()
     cfg = replace(CFG, refine_steps=40, refine_lr=0.2, refine_background=background)
     grey = torch.full((64, 64, 3), 0.5)
-    out = refine_texture(mesh, grey, Model(), emb, cfg, "cpu", make_generator(2))
+    out = refine_texture(mesh, grey, _StubModel(), emb, cfg, "cpu", make_generator(2))
     change = out[chart_mask(mesh, 64)] - 0.5
     drift = float(change.mean())
     if background == "white":  # measured: +0.40 for seeds 2-4, the texture nearly white
