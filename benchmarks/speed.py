@@ -274,6 +274,12 @@ def sds_variants(device: torch.device, resolution: int) -> list[dict[str, Any]]:
          "render": lowest, "encode": 0},
         {"name": f"render {lowest}, tiny encoder at render res", "graphs": graphs, "encoder": "tiny",
          "render": lowest, "encode": 0},
+        # Image-space SDS (stage1.sds_space=image) once it has switched on: encoder forward
+        # without grad, CFG UNet, one full VAE decode of x̂0; no encoder backward.
+        {"name": "CUDA graph UNet, VAE, image-space SDS", "graphs": graphs, "encoder": "vae",
+         "render": resolution, "encode": 0, "space": "image"},
+        {"name": "CUDA graph UNet, tiny encoder, image-space SDS", "graphs": graphs,
+         "encoder": "tiny", "render": resolution, "encode": 0, "space": "image"},
     ]
 
 
@@ -291,7 +297,8 @@ def bench_sds(model, device: torch.device, resolution: int, steps: int, warmup: 
         for v in sds_variants(device, resolution):
             model.cuda_graphs = v["graphs"]
             model.tiny_vae = tiny if v["encoder"] == "tiny" else None
-            cfg = Stage1Config(encode_resolution=v["encode"])
+            cfg = Stage1Config(encode_resolution=v["encode"], sds_space=v.get("space", "latent"),
+                               sds_image_start=0.0)
             sds = SDSGuidance(model, emb, cfg, make_generator(0, device))
             gen = make_generator(1, device)
             img = torch.rand(1, 3, v["render"], v["render"], generator=gen, device=device,
@@ -307,7 +314,8 @@ def bench_sds(model, device: torch.device, resolution: int, steps: int, warmup: 
             reset_peak_memory(device)
             _, cold = timed(lambda: [step(i) for i in range(warmup)], device)
             _, sec = timed(lambda: [step(i) for i in range(steps)], device)
-            rows.append({**v, "encode": v["encode"] or v["render"], "ms_per_step": 1000 * sec / steps,
+            rows.append({**v, "space": v.get("space", "latent"), "encode": v["encode"] or v["render"],
+                         "ms_per_step": 1000 * sec / steps,
                          "steps_per_s": steps / sec, "warmup_s": cold, "peak_gib": peak_memory_gib(device),
                          "grad_finite": bool(torch.isfinite(img.grad).all())})
             log(f"[speed] sds: {v['name']}: {rows[-1]['ms_per_step']:.2f} ms/step")
@@ -316,7 +324,8 @@ def bench_sds(model, device: torch.device, resolution: int, steps: int, warmup: 
     return rows
 
 
-SDS_TABLE = [("name", "variant", ""), ("graphs", "graph used", ""), ("render", "render", ""),
+SDS_TABLE = [("name", "variant", ""), ("graphs", "graph used", ""), ("space", "SDS space", ""),
+             ("render", "render", ""),
              ("encode", "encode", ""),
              ("ms_per_step", "ms/step", ".2f"), ("steps_per_s", "steps/s", ".1f"),
              ("warmup_s", "warm-up s", ".2f"), ("peak_gib", "peak GiB", ".2f")]

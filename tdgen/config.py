@@ -85,7 +85,7 @@ class Stage1Config:
     """Largest diffusion timestep, as a fraction of the training schedule."""
     t_min: float = 0.02
     """Smallest diffusion timestep, as a fraction of the training schedule."""
-    sds_space: Literal["latent", "image"] = "latent"
+    sds_space: Literal["latent", "image"] = "image"
     """Where the SDS gradient is formed. `latent`: w(t)(ε̂ − ε) on the latents, carried to the
     render through the VAE encoder's backward (DreamFusion, DreamGaussian). `image`: the CFG
     one-step estimate x̂0 = (z_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t is decoded without grad and the render is
@@ -93,8 +93,13 @@ class Stage1Config:
     stage 2 fits a decoded target the same way): no encoder backward, one decoder forward per
     step. With `model.sds_encoder = "tiny"` the model's full VAE decodes. On the toy prior (CI
     config, 4 objects × 3 seeds) `image` (its part at `sds_image_guidance` 7.5) gave masked colour
-    error .126 against latent's .243 and a flat mean colour's .216, at mean IoU .700 against .666.
-    Not yet measured on Stable Diffusion."""
+    error .126 against latent's .243 and a flat mean colour's .216, at mean IoU .700 against .666;
+    `tdgen make` at `standard` (at that prior's guidance 20) met the issue's silhouette bar with
+    it. The default since
+    2026-12-03 for that, and because HiFA reports the image-space term helping on SD itself; not
+    yet measured here on SD weights. Its price: ~+17 ms per step at 512² once it switches on (full
+    decoder forward against the encoder's backward), warm `standard` 24.6 → 29.0 s on an H200;
+    `latent` is the faster choice."""
     sds_image_start: float = 0.3
     """`sds_space = "image"`: fraction of the steps run with latent SDS before the image-space
     target takes over (DreamGaussian's own order: latent SDS forms the shape, a decoded target
@@ -205,9 +210,10 @@ class TextureConfig:
     """Render size of each bake view."""
     refine_steps: int = 50
     """UV-space refinement iterations against img2img targets (0 = bake only)."""
-    refine_lr: float = 0.2
-    """Adam learning rate of the texture's logits during refinement (DreamGaussian's stage-2 value,
-    which belongs to logits: about 0.05 per step in colour at mid-grey)."""
+    refine_lr: float = 0.1
+    """Adam learning rate of the texture correction (in logits, decaying linearly to 0).
+    DreamGaussian's 0.2 belongs to logits at a constant lr; with the decay, 0.1 kept the toy
+    prior's mug at its bake (.132 against .142 at 0.2) and improved the other three as much."""
     refine_resolution: int = 512
     """Render size of each refinement view."""
     refine_strength_start: float = 0.8
@@ -219,16 +225,27 @@ class TextureConfig:
     """Length of the DDIM schedule the SDEdit strength refers to."""
     refine_guidance_scale: float = 7.5
     """Classifier-free guidance scale of the img2img denoising."""
-    refine_background: Literal["white", "black", "random"] = "white"
-    """Background of the refinement renders (DreamGaussian: white), or white or black at random
-    per view, stage 1's distribution: what a denoiser bleeds into the object's edges then
-    averages out instead of building up (tests/test_refine.py), at the price of a noisier walk."""
+    refine_background: Literal["white", "black", "random"] = "random"
+    """Background of the refinement renders: white or black at random per view, stage 1's
+    distribution, so what a denoiser bleeds into the object's edges averages out instead of
+    building up (tests/test_refine.py); or always white (DreamGaussian) or black. On the toy prior
+    (with the coarse correction and edge ramp) random beat or matched white on each object
+    measured: mug .155 → .142, chair .078 → .067, boot .036 both."""
     refine_margin: float = 1.8
     """How far the refinement cameras stand: the mesh's bounding sphere times this fills the
     view. 1.8 is how large stage 1 shows its objects (bulk radius ~0.5 in stage 2's frame, seen
     from 2.5 at 49.1°), so the model judges the object at the size it saw during SDS. At 1.1
     (the mesh filling the view, before 2026-12-03) the toy prior's VAE alone brightened a mug's
     render from 0.82 to 0.93 and refinement turned its texture white."""
+    refine_correction_size: int = 0
+    """Side of the colour correction refinement learns, upsampled onto the bake's logits (0 = half
+    the refinement render size, so each of its texels is seen by several pixels of every view;
+    the texture size itself = a correction per texel)."""
+    refine_edge_px: int = 8
+    """Pixels over which refinement's trust in a target ramps up inside the silhouette (0 = every
+    covered pixel alike). SD's autoencoder mixes each 8×8 block into one latent, so a target's
+    edge pixels carry the background: on the toy prior (64 px) white bled into a chair's legs and
+    a mug's rim, colour error .135 → .078 and .174 → .155 with 8."""
     normal_map: bool = True
     """Bake a tangent-space normal map (texture.size², glTF `normalTexture`, with `TANGENT`) from
     the surface before decimation onto the decimated mesh, so lit renders keep the detail the
@@ -587,6 +604,8 @@ LIMITS: dict[str, tuple[float, float, str]] = {
     "texture.refine_ddim_steps": (1, 1000, ""),
     "texture.refine_guidance_scale": (0.0, 100.0, ""),
     "texture.refine_margin": (1.0, 10.0, "1 puts the bounding sphere at the frame's edge"),
+    "texture.refine_edge_px": (0, 256, "pixels"),
+    "texture.refine_correction_size": (0, 8192, "texels a side; 0 = half the refine resolution"),
     "export.height": (0.001, 1000.0, "metres"),
     "export.lods": (0, 8, "each halves the triangles"),
     "export.collision_hulls": (1, 256, "each is one convex collider"),
