@@ -378,7 +378,14 @@ def bench_cold_cli(preset: str, sets: list[str], runs: int, workdir: Path,
                            env={**os.environ, "TDGEN_CACHE_DIR": str(workdir / "cache")})
         if proc.returncode != 0:
             raise RuntimeError(f"tdgen make failed ({proc.returncode}): {proc.stderr[-2000:]}")
-        timings = json.loads(proc.stdout).get("timings", {})
+        # The result is the last JSON line: libraries may print their own lines before it.
+        lines = [ln for ln in proc.stdout.splitlines() if ln.strip().startswith("{")]
+        if not lines:
+            raise RuntimeError(f"tdgen make printed no JSON result; stdout: {proc.stdout[:2000]!r}")
+        timings = json.loads(lines[-1]).get("timings", {})
+        others = [ln for ln in proc.stdout.splitlines() if ln.strip() and ln not in lines]
+        if others:
+            log(f"[speed] tdgen make also printed on stdout: {others[:5]}")
         inside = timings.get("total", 0.0)
         makes.append({"priming": i == 0, "process_s": sec, "timings": timings,
                       "outside_generate_s": sec - inside})

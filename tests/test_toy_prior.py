@@ -22,7 +22,9 @@ CI_STAGE1 = dict(steps=200, num_points=800, max_points=2000)
 
 # Measured on the 2-core dev box with the committed prior of 2026-12-02 (IoU vs the mug / vs the
 # mug turned 180°): normal .784 / .582, flipped sign .295 / .293, swapped view prompts .627 / .834;
-# the three runs take ~90 s. With stage1.densify_fraction=0.2 (the default since): normal .788 / .555. (The first prior, 565 UNet steps: .821 / .616, .281 / .300, .592 / .804.)
+# the three runs take ~90 s. With stage1.densify_fraction=0.2 (the default since): normal .788 / .555.
+# With stage1.sds_space=image (the default since 2026-12-03): normal .875 / .594, flipped .095 /
+# .095, swapped .589 / .869. (The first prior, 565 UNet steps: .821 / .616, .281 / .300, .592 / .804.)
 IOU_MIN = 0.70
 """Silhouette IoU (16 held-out views) the recovered mug must exceed."""
 FRONT_MARGIN = 0.10
