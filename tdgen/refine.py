@@ -2,8 +2,9 @@
 
 Each step renders the textured mesh from a random orbit view, asks the diffusion model for a
 cleaner version of that render (SDEdit at a strength that rises over the steps), and moves the
-texture toward it with an MSE on the pixels the mesh covers. The texture is the only parameter,
-so the geometry and UV layout stay as baked.
+texture toward it with an MSE on the pixels the mesh covers (trusted less near the silhouette).
+What is learnt is a coarse colour correction added to the bake's logits, so the geometry, the UV
+layout and the bake's fine detail stay as baked.
 """
 
 from __future__ import annotations
