@@ -122,20 +122,12 @@ def test_moves_toward_targets_with_view_prompts_and_rising_strength(mesh, monkey
     assert len({c[0] for c in calls}) >= 2  # random azimuths pick different view prompts
 
 
-def test_ideal_targets_never_make_the_bake_worse(mesh, monkeypatch):
-    """Issue 9, item 1: with perfect, view-consistent img2img targets (the true texture rendered
-    from the refinement camera), refinement at the default lr must bring a noisy bake closer to
-    the truth. Adam at lr 0.2 directly on colours overshoots by ~0.2 a step and ends worse than
-    the bake; on logits (DreamGaussian) the same lr is ~0.05 in colour at mid grey."""
+def _truth_targets(monkeypatch, mesh, truth, noise_std=0.0, noise=None):
+    """Make img2img return `truth` [S, S, 3] rendered from the refinement's own camera (plus
+    fresh pixel noise of `noise_std`, clamped, if given): ideal or noisy view-consistent targets."""
     import tdgen.guidance as guidance
     import tdgen.refine as refine
     from tdgen.raster import render_mesh
-
-    g = torch.Generator().manual_seed(0)
-    yy, xx = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
-    checker = (((yy // 8) + (xx // 8)) % 2).float()[..., None]
-    truth = checker * torch.tensor([0.85, 0.25, 0.15]) + (1 - checker) * torch.tensor([0.2, 0.45, 0.8])
-    bake = (truth + 0.08 * torch.randn(64, 64, 3, generator=g)).clamp(0, 1)
 
     last = {}
     real_framing = refine.framing_cameras
@@ -144,12 +136,28 @@ def test_ideal_targets_never_make_the_bake_worse(mesh, monkeypatch):
         last["cam"] = real_framing(*args, **kw)
         return last["cam"]
 
-    def ideal_img2img(model, images, cond, uncond, strength, ddim_steps, guidance_scale, generator):
+    def truth_img2img(model, images, cond, uncond, strength, ddim_steps, guidance_scale, generator):
         rgb, _ = render_mesh(mesh, truth, last["cam"], torch.ones(1, 3))
-        return rgb.permute(0, 3, 1, 2)
+        rgb = rgb.permute(0, 3, 1, 2)
+        if noise_std == 0.0:
+            return rgb
+        return (rgb + noise_std * torch.randn(rgb.shape, generator=noise)).clamp(0, 1)
 
     monkeypatch.setattr(refine, "framing_cameras", recording_framing)
-    monkeypatch.setattr(guidance, "img2img_target", ideal_img2img)
+    monkeypatch.setattr(guidance, "img2img_target", truth_img2img)
+
+
+def test_ideal_targets_never_make_the_bake_worse(mesh, monkeypatch):
+    """Issue 9, item 1: with perfect, view-consistent img2img targets (the true texture rendered
+    from the refinement camera), refinement at the default lr must bring a noisy bake closer to
+    the truth. Adam at lr 0.2 directly on colours overshoots by ~0.2 a step and ends worse than
+    the bake; on logits (DreamGaussian) the same lr is ~0.05 in colour at mid grey."""
+    g = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    checker = (((yy // 8) + (xx // 8)) % 2).float()[..., None]
+    truth = checker * torch.tensor([0.85, 0.25, 0.15]) + (1 - checker) * torch.tensor([0.2, 0.45, 0.8])
+    bake = (truth + 0.08 * torch.randn(64, 64, 3, generator=g)).clamp(0, 1)
+    _truth_targets(monkeypatch, mesh, truth)
 
     emb = _blank_embeddings()
     cfg = replace(TextureConfig(), size=64, refine_resolution=64)  # default steps and lr
@@ -172,27 +180,9 @@ def test_noisy_targets_do_not_become_salt_and_pepper(mesh, monkeypatch):
     img2img). Per-texel parameters under Adam take a ~lr step on every texel a view touches,
     whatever the gradient's size, so the noise lands in the texture; the default coarse
     correction averages it over many pixels."""
-    import tdgen.guidance as guidance
-    import tdgen.refine as refine
-    from tdgen.raster import render_mesh
-
     truth = torch.tensor([0.7, 0.4, 0.2]).expand(64, 64, 3).clone()
     bake = (truth + 0.03 * torch.randn(64, 64, 3, generator=torch.Generator().manual_seed(0)))
-    noise = torch.Generator().manual_seed(1)
-    last = {}
-    real_framing = refine.framing_cameras
-
-    def recording_framing(*args, **kw):
-        last["cam"] = real_framing(*args, **kw)
-        return last["cam"]
-
-    def noisy_img2img(model, images, cond, uncond, strength, ddim_steps, guidance_scale, generator):
-        rgb, _ = render_mesh(mesh, truth, last["cam"], torch.ones(1, 3))
-        rgb = rgb.permute(0, 3, 1, 2)
-        return (rgb + 0.1 * torch.randn(rgb.shape, generator=noise)).clamp(0, 1)
-
-    monkeypatch.setattr(refine, "framing_cameras", recording_framing)
-    monkeypatch.setattr(guidance, "img2img_target", noisy_img2img)
+    _truth_targets(monkeypatch, mesh, truth, 0.1, torch.Generator().manual_seed(1))
     inside = chart_mask(mesh, 64)
 
     def rms(t):
