@@ -89,7 +89,8 @@ def build_model(args, device: torch.device, workdir: Path):
         def build():
             return build_full_sd21_base(device, dtype, tiny_encoder=args.tiny_encoder,
                                         cuda_graphs=not args.no_graphs,
-                                        compile_encoder=not args.no_compile)
+                                        compile_encoder=not args.no_compile,
+                                        compile_decoder=not (args.no_compile or args.no_compile_decoder))
 
     return timed(build, device)
 
@@ -276,14 +277,19 @@ def sds_variants(device: torch.device, resolution: int) -> list[dict[str, Any]]:
          "render": lowest, "encode": 0},
         # Image-space SDS (stage1.sds_space=image) once it has switched on: encoder forward
         # without grad, CFG UNet, one full VAE decode of x̂0; no encoder backward.
-        {"name": "CUDA graph UNet, VAE, image-space SDS", "graphs": graphs, "encoder": "vae",
-         "render": resolution, "encode": 0, "space": "image"},
-        {"name": "CUDA graph UNet, tiny encoder, image-space SDS", "graphs": graphs,
-         "encoder": "tiny", "render": resolution, "encode": 0, "space": "image"},
+        {"name": "CUDA graph UNet, VAE, image-space SDS, eager decoder", "graphs": graphs,
+         "encoder": "vae", "render": resolution, "encode": 0, "space": "image", "decoder": "eager"},
+        {"name": "CUDA graph UNet, VAE, image-space SDS, compiled decoder", "graphs": graphs,
+         "encoder": "vae", "render": resolution, "encode": 0, "space": "image",
+         "decoder": "compiled"},
+        {"name": "CUDA graph UNet, tiny encoder, image-space SDS, compiled decoder",
+         "graphs": graphs, "encoder": "tiny", "render": resolution, "encode": 0, "space": "image",
+         "decoder": "compiled"},
     ]
 
 
-def bench_sds(model, device: torch.device, resolution: int, steps: int, warmup: int) -> list[dict[str, Any]]:
+def bench_sds(model, device: torch.device, resolution: int, steps: int, warmup: int,
+              only: str = "") -> list[dict[str, Any]]:
     """ms per SDS step (encoder forward, CFG UNet, encoder backward; no Gaussian render) per row."""
     from tdgen.config import Stage1Config
     from tdgen.guidance import SDSGuidance, encode_prompt
@@ -291,12 +297,16 @@ def bench_sds(model, device: torch.device, resolution: int, steps: int, warmup: 
 
     emb = encode_prompt(model, PROMPTS[0])
     tiny = tiny_autoencoder(model, device)
-    own_tiny, own_graphs = model.tiny_vae, model.cuda_graphs
+    own_tiny, own_graphs, own_dec = model.tiny_vae, model.cuda_graphs, model.compile_decoder
     rows = []
     try:
         for v in sds_variants(device, resolution):
+            if only and only not in v["name"]:
+                continue
             model.cuda_graphs = v["graphs"]
             model.tiny_vae = tiny if v["encoder"] == "tiny" else None
+            if "decoder" in v:
+                model.compile_decoder = own_dec and v["decoder"] == "compiled"
             cfg = Stage1Config(encode_resolution=v["encode"], sds_space=v.get("space", "latent"),
                                sds_image_start=0.0)
             sds = SDSGuidance(model, emb, cfg, make_generator(0, device))
@@ -320,7 +330,7 @@ def bench_sds(model, device: torch.device, resolution: int, steps: int, warmup: 
                          "grad_finite": bool(torch.isfinite(img.grad).all())})
             log(f"[speed] sds: {v['name']}: {rows[-1]['ms_per_step']:.2f} ms/step")
     finally:
-        model.tiny_vae, model.cuda_graphs = own_tiny, own_graphs
+        model.tiny_vae, model.cuda_graphs, model.compile_decoder = own_tiny, own_graphs, own_dec
     return rows
 
 
@@ -486,7 +496,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true", help="the tiny random model at test sizes (CPU)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"])
     ap.add_argument("--no-graphs", action="store_true", help="pipeline runs without CUDA graphs")
-    ap.add_argument("--no-compile", action="store_true", help="VAE encoder eager (model.compile_encoder=false)")
+    ap.add_argument("--no-compile", action="store_true", help="VAE encoder and decoder eager (model.compile_encoder=false, compile_decoder=false)")
+    ap.add_argument("--no-compile-decoder", action="store_true",
+                    help="VAE decoder eager (model.compile_decoder=false), the encoder as --no-compile says")
     ap.add_argument("--tiny-encoder", action="store_true",
                     help="pipeline runs with the tiny SDS encoder (model.sds_encoder = tiny)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -500,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="one stage-1 step phase by phase, and its top CUDA kernels")
     ap.add_argument("--gaussians", type=int, default=20000, help="--step-breakdown: Gaussians rendered")
     ap.add_argument("--sds-steps", type=int, default=None, help="timed SDS steps per row (default 30, tiny 3)")
+    ap.add_argument("--sds-rows", default="", help="--sds-only: only the rows whose name contains this")
     ap.add_argument("--sds-resolution", type=int, default=None, help="SDS render size (default 512, tiny 64)")
     ap.add_argument("--json-out", type=Path, default=None, help="write the report here as JSON")
     ap.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
@@ -554,7 +567,8 @@ def _bench_model(args, device: torch.device, report: dict[str, Any]) -> None:
         elif args.sds_only:
             res = args.sds_resolution or (64 if args.tiny else 512)
             steps = args.sds_steps or (3 if args.tiny else 30)
-            rows = bench_sds(model, device, res, steps, warmup=1 if args.tiny else 5)
+            rows = bench_sds(model, device, res, steps, warmup=1 if args.tiny else 5,
+                             only=args.sds_rows)
             report["sds"] = {"resolution": res, "steps": steps, "rows": rows}
             print(format_table(rows, SDS_TABLE), file=sys.stderr)
         else:

@@ -237,8 +237,7 @@ def decode_latents(model: DiffusionModel, latents: Tensor) -> Tensor:
 
     Always the model's full VAE decoder: a tiny SDS encoder predicts the same scaled latents
     (TAESD is distilled to), and load_model keeps the full VAE beside it."""
-    vae = model.vae
-    out = vae.decode((latents / vae.config.scaling_factor).to(model.dtype)).sample
+    out = model.decode((latents / model.vae.config.scaling_factor).to(model.dtype))
     return ((out.float() + 1) / 2).clamp(0.0, 1.0)
 
 

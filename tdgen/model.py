@@ -64,7 +64,10 @@ class DiffusionModel:
     """Captured CUDA graphs per input shape; shared by every SDSGuidance on this model."""
     compile_encoder: bool = False
     """Run the VAE encoder through torch.compile (set only when on CUDA and enabled)."""
+    compile_decoder: bool = False
+    """Run the VAE decoder through torch.compile (set only when on CUDA and enabled)."""
     _compiled_moments: Any = field(default=None, init=False, repr=False)
+    _compiled_decode: Any = field(default=None, init=False, repr=False)
 
     def latent_dist(self, x: Tensor):
         """The VAE's posterior for images x [B, 3, H, W] in [-1, 1] (model dtype): a diffusers
@@ -97,6 +100,35 @@ class DiffusionModel:
         enc = self.vae.encoder(x)
         return enc if self.vae.quant_conv is None else self.vae.quant_conv(enc)
 
+    @torch.no_grad()
+    def decode(self, z: Tensor) -> Tensor:  # unscaled latents [B, 4, h, w] → [B, 3, 8h, 8w] in ~[-1, 1]
+        """The VAE decoder, without grad (image-space SDS targets, img2img, samples).
+
+        On CUDA with `compile_decoder` it runs through torch.compile: at 512² it is the largest
+        single cost of an image-space SDS step (a forward over 512² × 128–512 channels whose
+        GroupNorm/SiLU pairs inductor fuses); its attention on the math backend, as the
+        encoder's."""
+        if self.device.type != "cuda" or not self.compile_decoder:
+            return self.vae.decode(z).sample
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.MATH]):
+            try:
+                if self._compiled_decode is None:
+                    _inductor_cache_default()
+                    self._compiled_decode = torch.compile(self._decode)
+                return self._compiled_decode(z)
+            except Exception as exc:  # a compiler missing or failing must not fail the asset
+                warnings.warn(f"torch.compile of the VAE decoder failed, running it eagerly "
+                              f"(set model.compile_decoder=false to skip the attempt): {exc!r:.300}")
+                self.compile_decoder = False
+        return self.vae.decode(z).sample
+
+    def _decode(self, z: Tensor) -> Tensor:  # [B, 4, h, w] → [B, 3, 8h, 8w]
+        if getattr(self.vae, "post_quant_conv", None) is not None:
+            z = self.vae.post_quant_conv(z)
+        return self.vae.decoder(z)
+
     @property
     def num_train_timesteps(self) -> int:
         return int(self.scheduler.config.num_train_timesteps)
@@ -124,7 +156,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def assemble_model(tokenizer, text_encoder, vae, unet, scheduler, device, dtype: torch.dtype,
                    model_id: str, source: dict, tiny_vae=None, cuda_graphs: bool = True,
-                   compile_encoder: bool = False) -> DiffusionModel:
+                   compile_encoder: bool = False, compile_decoder: bool = False) -> DiffusionModel:
     """Move frozen modules to `device`/`dtype` in eval mode and wrap them as a DiffusionModel."""
     device = torch.device(device)
     modules = [m for m in (text_encoder, vae, unet, tiny_vae) if m is not None]
@@ -139,7 +171,8 @@ def assemble_model(tokenizer, text_encoder, vae, unet, scheduler, device, dtype:
     model = DiffusionModel(tokenizer, text_encoder, vae, unet, scheduler, device, dtype, model_id,
                            source, tiny_vae=tiny_vae,
                            cuda_graphs=bool(cuda_graphs and device.type == "cuda"),
-                           compile_encoder=bool(compile_encoder and device.type == "cuda"))
+                           compile_encoder=bool(compile_encoder and device.type == "cuda"),
+                           compile_decoder=bool(compile_decoder and device.type == "cuda"))
     _ = model.alphas_cumprod  # move the schedule once
     return model
 
@@ -486,7 +519,7 @@ def load_model(cfg: ModelConfig, device) -> DiffusionModel:
         source = {**source, "sds_encoder": tiny_source}
     return assemble_model(tokenizer, text_encoder, vae, unet, scheduler, device, dtype, cfg.id,
                           source, tiny_vae=tiny_vae, cuda_graphs=cfg.cuda_graphs,
-                          compile_encoder=cfg.compile_encoder)
+                          compile_encoder=cfg.compile_encoder, compile_decoder=cfg.compile_decoder)
 
 
 def load_tiny_encoder(model_id: str, revision: str, dtype: torch.dtype):

@@ -568,3 +568,31 @@ def test_cpu_encoder_is_the_vae_itself(model):
     x = torch.rand(1, 3, 64, 64) * 2 - 1
     torch.testing.assert_close(model.latent_dist(x).mean, model.vae.encode(x).latent_dist.mean)
     assert not model.compile_encoder  # compile is a CUDA choice only
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile_ok", [True, False])
+def test_compiled_decoder_matches_eager(tiny_model_dir, tmp_path, monkeypatch, compile_ok):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    device = torch.device("cuda")
+    m = load_model(ModelConfig(id=str(tiny_model_dir), compile_decoder=True), device)
+    assert m.compile_decoder
+    if not compile_ok:  # a compiler that fails must leave the asset to the eager decoder
+        monkeypatch.setattr(torch, "compile", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no")))
+    z = torch.randn(1, 4, 8, 8, device=device).half()
+    eager = m.vae.decode(z).sample
+    if compile_ok:
+        out = m.decode(z)
+    else:
+        with pytest.warns(UserWarning, match="compile_decoder=false"):
+            out = m.decode(z)
+        assert not m.compile_decoder
+    assert out.shape == eager.shape == (1, 3, 64, 64)
+    torch.testing.assert_close(out, eager, rtol=2e-2, atol=2e-2)
+    assert (m._compiled_decode is not None) == compile_ok
+
+
+def test_cpu_decoder_is_the_vae_itself(model):
+    z = torch.randn(1, 4, 8, 8)
+    torch.testing.assert_close(model.decode(z), model.vae.decode(z).sample)
+    assert not model.compile_decoder  # compile is a CUDA choice only
