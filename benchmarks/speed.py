@@ -334,6 +334,41 @@ def bench_sds(model, device: torch.device, resolution: int, steps: int, warmup: 
     return rows
 
 
+def bench_refine(model, device: torch.device, ddim_steps: list[int], steps: int,
+                 tiny: bool = False) -> list[dict[str, Any]]:
+    """Texture refinement alone (`standard`'s texture settings, `steps` steps; `tiny`: 64 px) on
+    a UV-unwrapped 20k-face sphere, once per DDIM schedule length: what
+    `texture.refine_ddim_steps` costs."""
+    import numpy as np
+    import trimesh
+
+    from tdgen.config import TextureConfig
+    from tdgen.guidance import encode_prompt
+    from tdgen.meshdata import Mesh
+    from tdgen.refine import refine_texture
+    from tdgen.runtime import make_generator
+    from tdgen.unwrap import unwrap_mesh
+
+    m = trimesh.creation.icosphere(subdivisions=5, radius=0.5)  # 20 480 faces
+    mesh = unwrap_mesh(Mesh(m.vertices.astype(np.float32), m.faces.astype(np.int64),
+                            m.vertex_normals.astype(np.float32)), TextureConfig())
+    emb = encode_prompt(model, PROMPTS[0])
+    base = TextureConfig(size=64, refine_resolution=64) if tiny else TextureConfig()
+    tex = torch.full((base.size, base.size, 3), 0.5)
+    rows = []
+    for n in ddim_steps:
+        cfg = replace(base, refine_steps=steps, refine_ddim_steps=n)
+        run = lambda: refine_texture(mesh, tex, model, emb, cfg, device, make_generator(0, device))  # noqa: E731
+        timed(lambda: refine_texture(mesh, tex, model, emb, replace(cfg, refine_steps=3), device,
+                                     make_generator(0, device)), device)  # warm-up: compile, graphs
+        reset_peak_memory(device)
+        _, sec = timed(run, device)
+        rows.append({"ddim_steps": n, "refine_steps": steps, "seconds": sec,
+                     "peak_gib": peak_memory_gib(device)})
+        log(f"[speed] refine, DDIM {n}: {sec:.2f} s for {steps} steps")
+    return rows
+
+
 SDS_TABLE = [("name", "variant", ""), ("graphs", "graph used", ""), ("space", "SDS space", ""),
              ("render", "render", ""),
              ("encode", "encode", ""),
@@ -504,6 +539,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra setting for every preset (repeatable)")
     ap.add_argument("--sds-only", action="store_true", help="only the per-step SDS micro-benchmark")
+    ap.add_argument("--refine-only", action="store_true",
+                    help="only texture refinement on a fixed mesh, DDIM 50 against 25")
     ap.add_argument("--mesh-only", action="store_true",
                     help=f"only stage 2's mesh part on 60k-surfel splats of {', '.join(MESH_OBJECTS)}")
     ap.add_argument("--cold-cli", action="store_true",
@@ -564,6 +601,8 @@ def _bench_model(args, device: torch.device, report: dict[str, Any]) -> None:
                 bench_step_breakdown(model, device, p, args.set, args.gaussians, args.sds_steps or 20)
                 for p in presets]
             log(to_json(report["step_breakdown"]))
+        elif args.refine_only:
+            report["refine"] = bench_refine(model, device, [50, 25], 3 if args.tiny else 50, args.tiny)
         elif args.sds_only:
             res = args.sds_resolution or (64 if args.tiny else 512)
             steps = args.sds_steps or (3 if args.tiny else 30)
