@@ -182,6 +182,21 @@ def test_speed_sds_only_tiny_cpu_writes_json(tmp_path, capsys):
     assert report["cold_start"]["model_build_s"] > 0
 
 
+def test_speed_sds_rows_filter_and_refine_only(tmp_path):
+    out = tmp_path / "sds.json"
+    assert speed.main(["--device", "cpu", "--tiny", "--sds-only", "--sds-steps", "1",
+                       "--sds-resolution", "32", "--sds-rows", "image-space",
+                       "--json-out", str(out)]) == 0
+    rows = json.loads(out.read_text())["sds"]["rows"]
+    assert rows and all("image-space" in r["name"] and r["space"] == "image" for r in rows)
+    assert {r["decoder"] for r in rows} == {"eager", "compiled"}  # on the CPU both run eagerly
+    out = tmp_path / "refine.json"
+    assert speed.main(["--device", "cpu", "--tiny", "--refine-only", "--json-out", str(out)]) == 0
+    refine = json.loads(out.read_text())["refine"]
+    assert [r["ddim_steps"] for r in refine] == [50, 25]
+    assert all(r["refine_steps"] == 3 and r["seconds"] > 0 for r in refine)
+
+
 @pytest.mark.slow
 def test_speed_pipeline_tiny_cpu_writes_json(tmp_path):
     out = tmp_path / "speed.json"

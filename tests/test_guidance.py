@@ -539,6 +539,11 @@ def test_cuda_graph_matches_eager(tiny_model_dir):
     assert any(m.graphs.values()), "graph capture fell back to eager"
 
 
+def _refuse_compile(monkeypatch) -> None:
+    """torch.compile raising, as a missing or failing compiler does."""
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no")))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("compile_ok", [True, False])
 def test_compiled_encoder_matches_eager(tiny_model_dir, tmp_path, monkeypatch, compile_ok):
@@ -547,7 +552,7 @@ def test_compiled_encoder_matches_eager(tiny_model_dir, tmp_path, monkeypatch, c
     m = load_model(ModelConfig(id=str(tiny_model_dir), compile_encoder=True), device)
     assert m.compile_encoder
     if not compile_ok:  # a compiler that fails must leave the asset to the eager encoder
-        monkeypatch.setattr(torch, "compile", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no")))
+        _refuse_compile(monkeypatch)
     x = (torch.rand(1, 3, 64, 64, device=device) * 2 - 1).half().requires_grad_(True)
     g = torch.randn(1, 4, 8, 8, device=device)
     eager_mean = m.vae.encode(x).latent_dist.mean
@@ -578,7 +583,7 @@ def test_compiled_decoder_matches_eager(tiny_model_dir, tmp_path, monkeypatch, c
     m = load_model(ModelConfig(id=str(tiny_model_dir), compile_decoder=True), device)
     assert m.compile_decoder
     if not compile_ok:  # a compiler that fails must leave the asset to the eager decoder
-        monkeypatch.setattr(torch, "compile", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no")))
+        _refuse_compile(monkeypatch)
     z = torch.randn(1, 4, 8, 8, device=device).half()
     eager = m.vae.decode(z).sample
     if compile_ok:

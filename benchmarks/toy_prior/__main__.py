@@ -4,6 +4,7 @@
     python -m benchmarks.toy_prior train --data /tmp/toy.npz --size cpu --out benchmarks/toy_prior_model
     python -m benchmarks.toy_prior stage1 --model benchmarks/toy_prior_model      # SDS recovery
     python -m benchmarks.toy_prior eval  --model DIR --device cuda                # tdgen make, per object
+    python -m benchmarks.toy_prior retexture OBJ SPLAT.ply --model DIR --workdir W   # stage 2 variants
     python -m benchmarks.toy_prior smooth-encoder --model DIR --data /tmp/toy.npz --out DIR2
     python -m benchmarks.toy_prior grad-check --model DIR                         # SDS pixel gradient
 
@@ -100,6 +101,15 @@ def cmd_eval(a) -> None:
         a.json_out.write_text(json.dumps(rows, indent=1) + "\n")
 
 
+def cmd_retexture(a) -> None:
+    from benchmarks.toy_prior.make_eval import run_retexture
+
+    rows = run_retexture(a.model, a.object, a.splat, a.workdir, a.device, json.loads(a.variants),
+                         [int(s) for s in a.seeds.split(",")], a.preset)
+    if a.json_out:
+        a.json_out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
 def cmd_smooth_encoder(a) -> None:
     from benchmarks.toy_prior.smooth_encoder import write_smoothed_prior
 
@@ -190,6 +200,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workdir", type=Path, required=True)
     p.add_argument("--json-out", type=Path, default=None)
     p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("retexture", parents=[common],
+                       help="tdgen mesh SPLAT --prompt per stage-2 variant and seed, then metrics")
+    p.add_argument("object")
+    p.add_argument("splat", type=Path, help="a stage-1 .ply of `eval` (its --workdir)")
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--preset", default="standard")
+    p.add_argument("--variants", default='{"defaults": {}}',
+                   help='JSON {name: {key: value}}, e.g. {"bake": {"texture.refine_steps": 0}}')
+    p.add_argument("--seeds", default="0", help="refinement seeds, comma-separated")
+    p.add_argument("--workdir", type=Path, required=True)
+    p.add_argument("--json-out", type=Path, default=None)
+    p.set_defaults(fn=cmd_retexture)
 
     p = sub.add_parser("smooth-encoder", parents=[common],
                        help="fine-tune the VAE encoder so its backward follows the decoder")

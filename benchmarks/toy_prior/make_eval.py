@@ -41,9 +41,21 @@ def _prior_image(model: Path) -> int:
 def make_one(model: Path, obj: str, out: Path, device: str, sets: dict, preset: str,
              seed: int) -> dict:
     """Run `tdgen make` for the object's prompt; returns its JSON result (+ wall seconds)."""
-    cmd = [sys.executable, "-m", "tdgen.cli", "make", PROMPTS[obj], "--out", str(out),
-           "--model", str(model), "--preset", preset, "--seed", str(seed), "--device", device,
-           "--json"]
+    return _run_cli(["make", PROMPTS[obj], "--out", str(out)], model, device, sets, preset, seed)
+
+
+def retexture_one(model: Path, obj: str, splat: Path, out: Path, device: str, sets: dict,
+                  preset: str, seed: int) -> dict:
+    """Run `tdgen mesh SPLAT --prompt` (stage 2 with refinement against the prior) for the
+    object's prompt; returns its JSON result (+ wall seconds)."""
+    return _run_cli(["mesh", str(splat), "--out", str(out), "--prompt", PROMPTS[obj]], model,
+                    device, sets, preset, seed)
+
+
+def _run_cli(head: list[str], model: Path, device: str, sets: dict, preset: str,
+             seed: int) -> dict:
+    cmd = [sys.executable, "-m", "tdgen.cli", *head, "--model", str(model), "--preset", preset,
+           "--seed", str(seed), "--device", device, "--json"]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={v}"]
     t0 = time.perf_counter()
@@ -52,7 +64,7 @@ def make_one(model: Path, obj: str, out: Path, device: str, sets: dict, preset: 
     root = Path(__file__).resolve().parents[2]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
     if proc.returncode != 0:
-        raise RuntimeError(f"tdgen make failed ({proc.returncode}): {proc.stderr[-2000:]}")
+        raise RuntimeError(f"tdgen {head[0]} failed ({proc.returncode}): {proc.stderr[-2000:]}")
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip().startswith("{")]
     res = json.loads(lines[-1]) if lines else {}
     return {"cli": res, "wall_s": round(time.perf_counter() - t0, 1), "cmd": " ".join(cmd[2:])}
@@ -70,7 +82,7 @@ def colour_error(pred, tex: np.ndarray, ref, cams) -> float:
     return float((p - r).abs().mean(-1)[both].mean()) if bool(both.any()) else 1.0
 
 
-def measure_object(obj: str, glb: Path, ply: Path, cfg, device, sheet: Path | None) -> dict:
+def measure_object(obj: str, glb: Path, ply: Path | None, cfg, device, sheet: Path | None) -> dict:
     from benchmarks.quality import Sizes, measure, read_glb_in_reference_frame
     from benchmarks.toy_prior.evaluate import held_out_cameras, silhouette_iou
     from tdgen.gaussians import load_ply
@@ -79,7 +91,7 @@ def measure_object(obj: str, glb: Path, ply: Path, cfg, device, sheet: Path | No
     sizes = Sizes(surface_gaussians=0, metric_points=20_000, metric_resolution=128)
     row = {"object": obj}
     cams = held_out_cameras(128, cfg.stage1, device)
-    if ply.exists():
+    if ply is not None and ply.exists():
         g = load_ply(ply)
         row["splat_iou"] = silhouette_iou(g, ref, cams)
         row["splat_iou_turned"] = silhouette_iou(g, turned(ref), cams)
@@ -111,6 +123,35 @@ def run_eval(model: Path, objects: list[str], workdir: Path, device: str, extra:
         print(json.dumps(row), flush=True)
         rows.append(row)
     contact_sheet(workdir)
+    return rows
+
+
+def run_retexture(model: Path, obj: str, splat: Path, workdir: Path, device: str,
+                  variants: dict[str, dict], seeds: list[int],
+                  preset: str = "standard") -> list[dict]:
+    """One stage-1 splat textured again per variant (extra `--set`s) and refinement seed; each
+    `.glb` measured as `run_eval` measures it (no splat IoU: the splat is the same)."""
+    from tdgen.config import resolve_config
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name, extra in variants.items():
+        sets = {**scaled_sets(_prior_image(model)), **{k: str(v) for k, v in extra.items()}}
+        cfg = resolve_config(preset, sets)
+        for seed in seeds:
+            glb = workdir / f"{obj}_{name}_s{seed}.glb"
+            try:
+                made = retexture_one(model, obj, splat, glb, device, sets, preset, seed)
+                row = {"variant": name, "seed": seed,
+                       **measure_object(obj, glb, None, cfg, device,
+                                        glb.with_suffix(".compare.png")),
+                       "refine_s": (made["cli"].get("timings") or {}).get("refine"),
+                       "wall_s": made["wall_s"]}
+            except Exception as e:  # one failure must not hide the other variants' numbers
+                row = {"variant": name, "seed": seed, "object": obj,
+                       "error": f"{type(e).__name__}: {e}"}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
     return rows
 
 
