@@ -358,9 +358,11 @@ def bench_refine(model, device: torch.device, ddim_steps: list[int], steps: int,
     rows = []
     for n in ddim_steps:
         cfg = replace(base, refine_steps=steps, refine_ddim_steps=n)
-        run = lambda: refine_texture(mesh, tex, model, emb, cfg, device, make_generator(0, device))  # noqa: E731
-        timed(lambda: refine_texture(mesh, tex, model, emb, replace(cfg, refine_steps=3), device,
-                                     make_generator(0, device)), device)  # warm-up: compile, graphs
+
+        def run(c=cfg):
+            return refine_texture(mesh, tex, model, emb, c, device, make_generator(0, device))
+
+        timed(lambda: run(replace(cfg, refine_steps=3)), device)  # warm-up: compile, graphs
         reset_peak_memory(device)
         _, sec = timed(run, device)
         rows.append({"ddim_steps": n, "refine_steps": steps, "seconds": sec,

@@ -84,17 +84,9 @@ class DiffusionModel:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         with sdpa_kernel([SDPBackend.MATH]):
-            if self.compile_encoder:
-                try:
-                    if self._compiled_moments is None:
-                        _inductor_cache_default()
-                        self._compiled_moments = torch.compile(self._moments)
-                    return DiagonalGaussianDistribution(self._compiled_moments(x))
-                except Exception as exc:  # a compiler missing or failing must not fail the asset
-                    warnings.warn(f"torch.compile of the VAE encoder failed, running it eagerly "
-                                  f"(set model.compile_encoder=false to skip the attempt): {exc!r:.300}")
-                    self.compile_encoder = False
-            return DiagonalGaussianDistribution(self._moments(x))
+            out = (self._run_compiled("encoder", "_compiled_moments", self._moments, x)
+                   if self.compile_encoder else None)
+            return DiagonalGaussianDistribution(self._moments(x) if out is None else out)
 
     def _moments(self, x: Tensor) -> Tensor:  # [B, 3, H, W] → [B, 8, H/8, W/8]
         enc = self.vae.encoder(x)
@@ -113,16 +105,23 @@ class DiffusionModel:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         with sdpa_kernel([SDPBackend.MATH]):
-            try:
-                if self._compiled_decode is None:
-                    _inductor_cache_default()
-                    self._compiled_decode = torch.compile(self._decode)
-                return self._compiled_decode(z)
-            except Exception as exc:  # a compiler missing or failing must not fail the asset
-                warnings.warn(f"torch.compile of the VAE decoder failed, running it eagerly "
-                              f"(set model.compile_decoder=false to skip the attempt): {exc!r:.300}")
-                self.compile_decoder = False
-        return self.vae.decode(z).sample
+            out = self._run_compiled("decoder", "_compiled_decode", self._decode, z)
+        return self.vae.decode(z).sample if out is None else out
+
+    def _run_compiled(self, part: str, cache: str, fn, *args):
+        """`fn(*args)` through torch.compile, the compiled function kept in attribute `cache`;
+        None when compiling or running it fails: a compiler missing or failing must not fail the
+        asset, so it warns once and turns `compile_<part>` off for the calls after."""
+        try:
+            if getattr(self, cache) is None:
+                _inductor_cache_default()
+                setattr(self, cache, torch.compile(fn))
+            return getattr(self, cache)(*args)
+        except Exception as exc:
+            warnings.warn(f"torch.compile of the VAE {part} failed, running it eagerly "
+                          f"(set model.compile_{part}=false to skip the attempt): {exc!r:.300}")
+            setattr(self, f"compile_{part}", False)
+            return None
 
     def _decode(self, z: Tensor) -> Tensor:  # [B, 4, h, w] → [B, 3, 8h, 8w]
         if getattr(self.vae, "post_quant_conv", None) is not None:

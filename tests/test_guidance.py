@@ -601,3 +601,15 @@ def test_cpu_decoder_is_the_vae_itself(model):
     z = torch.randn(1, 4, 8, 8)
     torch.testing.assert_close(model.decode(z), model.vae.decode(z).sample)
     assert not model.compile_decoder  # compile is a CUDA choice only
+
+
+@pytest.mark.parametrize("part, cache", [("encoder", "_compiled_moments"),
+                                         ("decoder", "_compiled_decode")])
+def test_a_failing_compile_warns_once_and_turns_itself_off(model, monkeypatch, part, cache):
+    m = dataclasses.replace(model, compile_encoder=True, compile_decoder=True)
+    _refuse_compile(monkeypatch)
+    with pytest.warns(UserWarning, match=f"VAE {part} failed.*model.compile_{part}=false"):
+        assert m._run_compiled(part, cache, lambda x: x + 1, torch.zeros(2)) is None
+    assert getattr(m, f"compile_{part}") is False and getattr(m, cache) is None
+    other = "decoder" if part == "encoder" else "encoder"
+    assert getattr(m, f"compile_{other}") is True  # only the part that failed is turned off
