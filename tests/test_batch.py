@@ -891,7 +891,8 @@ def test_report_page_loads_its_models_in_chromium(tmp_path, fakes):
     assert cli([str(src), "-o", str(out), "--report"]).exit_code == 0
     shot = tmp_path / "report.png"
     with threejs_render.serve(out) as url:
-        dom = threejs_render.capture(f"{url}/report.html", shot, 900, 700)
+        dom = threejs_render.capture(f"{url}/report.html", shot, 900, 700,
+                                     done="document.title.includes('models loaded')")
     assert "3/3 models loaded" in dom, dom[:500]
     img = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float32)
     assert img.shape[:2] == (700, 900) and img.std() > 10  # cards and models, not a blank page

@@ -2,8 +2,8 @@
 renderer web games use, as a second real importer beside Blender.
 
 A local HTTP server serves a page, the file and `node_modules/three` (module scripts do not load
-from file://); Chromium's --screenshot captures the page once the loader has drawn the model
-(`--virtual-time-budget` lets the page's scripts finish first). The camera looks from the front
+from file://); Chromium, driven over its DevTools pipe, screenshots the page once the loader's
+callback has drawn the model and set the page title. The camera looks from the front
 (glTF +Z) at the model's bounding box with +Y up, on a mid-grey background, lit by an ambient and
 a directional light (unlit materials ignore both).
 
@@ -13,13 +13,20 @@ a directional light (unlit materials ignore both).
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
+import fcntl
 import functools
 import http.server
+import json
+import os
+import re
+import select
 import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -109,28 +116,114 @@ def serve(folder: str | Path):
         server.server_close()
 
 
+class _DevTools:
+    """Chromium driven over its DevTools protocol on a pipe (`--remote-debugging-pipe`: commands
+    in on fd 3, replies out on fd 4, each a JSON message ending in NUL). Written here rather than
+    taken from Playwright or pyppeteer because those download their own browser builds or need a
+    websocket client; this drives Debian's Chromium with the standard library alone."""
+
+    def __init__(self, exe: str, args: list[str], timeout: float):
+        self.timeout = timeout
+        to_chrome_r, self._to_chrome = os.pipe()
+        self._from_chrome, from_chrome_w = os.pipe()
+
+        def fds_3_and_4():  # in the child: park both ends above 10 first so dup2 cannot clobber
+            a = fcntl.fcntl(to_chrome_r, fcntl.F_DUPFD, 10)
+            b = fcntl.fcntl(from_chrome_w, fcntl.F_DUPFD, 10)
+            os.dup2(a, 3)
+            os.dup2(b, 4)
+
+        self._log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen([exe, *args, "--remote-debugging-pipe"], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=self._log,
+                                     close_fds=False, preexec_fn=fds_3_and_4)
+        os.close(to_chrome_r)
+        os.close(from_chrome_w)
+        self._buf = b""
+        self._id = 0
+
+    def call(self, method: str, session: str | None = None, **params) -> dict:
+        """Send one command and wait for its reply (events in between are dropped)."""
+        self._id += 1
+        msg = {"id": self._id, "method": method, "params": params}
+        if session:
+            msg["sessionId"] = session
+        os.write(self._to_chrome, json.dumps(msg).encode() + b"\0")
+        deadline = time.monotonic() + self.timeout
+        while True:
+            while b"\0" in self._buf:
+                raw, self._buf = self._buf.split(b"\0", 1)
+                reply = json.loads(raw)
+                if reply.get("id") == self._id:
+                    if "error" in reply:
+                        raise RuntimeError(f"chromium: {method} failed: {reply['error']}")
+                    return reply.get("result", {})
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self._from_chrome], [], [], left)[0]:
+                raise RuntimeError(f"chromium did not answer {method} within {self.timeout:.0f} s")
+            chunk = os.read(self._from_chrome, 1 << 20)
+            if not chunk:
+                raise RuntimeError(f"chromium exited during {method}: {self.stderr()}")
+            self._buf += chunk
+
+    def stderr(self) -> str:
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")[-1500:]
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.call("Browser.close")
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        for fd in (self._to_chrome, self._from_chrome):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._log.close()
+
+
 def capture(url: str, out_png: str | Path | None, width: int, height: int,
-            timeout: float = 120.0, budget_ms: int = 20000) -> str:
-    """Load `url` in headless Chromium (SwiftShader WebGL), let its scripts run for `budget_ms`
-    of virtual time, save a `width`×`height` screenshot to `out_png` if given, and return the
-    page's DOM afterwards (its title included)."""
+            timeout: float = 120.0, done: str = "document.readyState === 'complete'") -> str:
+    """Load `url` in headless Chromium (SwiftShader WebGL) at a `width`×`height` viewport, wait in
+    real time until the JavaScript expression `done` is true (at most `timeout` seconds), save a
+    screenshot to `out_png` if given, and return the page's DOM then (its title included).
+
+    Waiting on the page's own signal, not on a virtual-time budget: image decoding runs off the
+    page's clock, so a budget can run out before the loader's callback on a busy machine."""
     exe = chromium()
     if exe is None:
         raise RuntimeError("needs chromium on PATH (apt-get install chromium)")
     with tempfile.TemporaryDirectory(prefix="tdgen-chromium-") as profile:
-        base = [exe, "--headless", "--no-sandbox", "--disable-gpu-sandbox", "--use-angle=swiftshader",
+        args = ["--headless", "--no-sandbox", "--disable-gpu-sandbox", "--use-angle=swiftshader",
                 "--enable-unsafe-swiftshader", "--hide-scrollbars", f"--window-size={width},{height}",
-                f"--virtual-time-budget={budget_ms}", f"--user-data-dir={profile}"]
-        if out_png is not None:
-            out_png = Path(out_png).resolve()
-            proc = subprocess.run(base + [f"--screenshot={out_png}", url], capture_output=True,
-                                  text=True, timeout=timeout)
-            if proc.returncode != 0 or not out_png.is_file():
-                raise RuntimeError(f"chromium failed ({proc.returncode}): {proc.stderr[-1500:]}")
-        proc = subprocess.run(base + ["--dump-dom", url], capture_output=True, text=True, timeout=timeout)
-        if proc.returncode != 0:
-            raise RuntimeError(f"chromium failed ({proc.returncode}): {proc.stderr[-1500:]}")
-        return proc.stdout
+                f"--user-data-dir={profile}", "--no-first-run", "--no-default-browser-check"]
+        browser = _DevTools(exe, args, timeout)
+        try:
+            target = browser.call("Target.createTarget", url="about:blank")
+            session = browser.call("Target.attachToTarget", targetId=target["targetId"],
+                                   flatten=True)["sessionId"]
+            browser.call("Emulation.setDeviceMetricsOverride", session, width=width, height=height,
+                         deviceScaleFactor=1, mobile=False)
+            browser.call("Page.navigate", session, url=url)
+            deadline = time.monotonic() + timeout
+            while True:
+                ready = browser.call("Runtime.evaluate", session, expression=f"!!({done})",
+                                     returnByValue=True)
+                if ready.get("result", {}).get("value") is True:
+                    break
+                if time.monotonic() > deadline:
+                    break  # the caller judges the DOM (its title says what the page got to)
+                time.sleep(0.1)
+            if out_png is not None:
+                shot = browser.call("Page.captureScreenshot", session, format="png")
+                Path(out_png).write_bytes(base64.b64decode(shot["data"]))
+            dom = browser.call("Runtime.evaluate", session, returnByValue=True,
+                               expression="document.documentElement.outerHTML")
+            return dom.get("result", {}).get("value") or ""
+        finally:
+            browser.close()
 
 
 def render_glb(glb: str | Path, out_png: str | Path, size: int = 256, timeout: float = 120.0,
@@ -149,13 +242,14 @@ def render_glb(glb: str | Path, out_png: str | Path, size: int = 256, timeout: f
         shutil.copyfile(glb, site / "asset.glb")
         (site / "three").symlink_to(THREE, target_is_directory=True)
         with serve(site) as url:
-            dom = capture(f"{url}/index.html", out_png, size, size, timeout)
+            dom = capture(f"{url}/index.html", out_png, size, size, timeout,
+                          done="document.title === 'rendered' || document.title.startsWith('error')")
         if "<title>rendered</title>" not in dom:
-            raise RuntimeError(f"three.js did not draw {glb}: {dom[:300]}")
+            title = re.search(r"<title>(.*?)</title>", dom, re.S)
+            raise RuntimeError(f"three.js did not draw {glb}: "
+                               f"{title.group(1) if title else 'no title after ' + str(timeout) + ' s'}")
         if info is not None:
             import html
-            import json
-            import re
 
             found = re.search(r'<pre id="info">(.*?)</pre>', dom, re.S)
             info.update(json.loads(html.unescape(found.group(1))) if found else {})
