@@ -184,16 +184,23 @@ def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:  # [V
     return n.astype(np.float32)
 
 
-FLAT_RATIO = 0.3
-"""A splat is flat when its median opaque Gaussian's shortest axis is below this fraction of its
-longest (trained and captured 3DGS surfels: ≈ 0.1), else blobby (SDS and short photometric fits:
-≈ 0.6); fusion reads their depth at `mesh.alpha` and `mesh.blob_alpha` respectively."""
+FLAT_RATIO = 0.1
+"""A splat whose median opaque Gaussian's shortest axis is at most this fraction of its longest is
+flat (trained and captured 3DGS surfels, case A's discs): fusion reads its depth at `mesh.alpha`."""
+
+BLOB_RATIO = 0.2
+"""At or above this median ratio a splat is blobby (SDS: ≈ 0.6; photometric fits from the sphere
+init: 0.24–0.25) and read at `mesh.blob_alpha`; between the two ratios the level moves linearly,
+so two nearly alike splats never get levels far apart. The fits' surfaces lie 3–5 mm inside the
+reference read at 0.5 and on it read at 0.3 (CPU case B, `benchmarks/results/caseb-2026-12-07/`)."""
 
 
-def _is_flat(g: Gaussians) -> bool:
+def _alpha_level(g: Gaussians, cfg: MeshConfig) -> tuple[str, float]:
+    """The accumulated alpha fusion reads depth at, and the setting that mostly decides it."""
     s = torch.exp(g.scales[g.bulk()].float())  # [M, 3]
-    ratio = s.amin(-1) / s.amax(-1).clamp_min(1e-20)  # [M]
-    return float(ratio.median()) < FLAT_RATIO
+    ratio = float((s.amin(-1) / s.amax(-1).clamp_min(1e-20)).median())
+    t = min(max((ratio - FLAT_RATIO) / (BLOB_RATIO - FLAT_RATIO), 0.0), 1.0)
+    return ("alpha" if t < 0.5 else "blob_alpha"), cfg.alpha + t * (cfg.blob_alpha - cfg.alpha)
 
 
 def extract_mesh(
@@ -224,7 +231,7 @@ def extract_mesh(
         if method == "fusion":
             from tdgen.fusion import fuse_depth
 
-            key, alpha = ("alpha", cfg.alpha) if _is_flat(kept) else ("blob_alpha", cfg.blob_alpha)
+            key, alpha = _alpha_level(kept, cfg)
             field, origin, voxel = fuse_depth(
                 kept, cfg.grid, cfg.views, cfg.view_resolution, cfg.truncation,
                 alpha, on_progress=on_progress,
@@ -234,7 +241,8 @@ def extract_mesh(
             level = 0.0
             if not (field > level).any():
                 raise GenerationError(
-                    f"no surface: no view sees the splat with alpha ≥ mesh.{key}={alpha}; "
+                    f"no surface: no view sees the splat with alpha ≥ {alpha:.3g} (mesh.{key}="
+                    f"{getattr(cfg, key)}); "
                     f"lower mesh.{key} or check that the splat is not empty or transparent"
                 )
             outside = -cfg.truncation
@@ -261,6 +269,12 @@ def extract_mesh(
         raise GenerationError(
             "marching cubes produced only degenerate triangles; raise mesh.grid or check the splat"
         )
+    if cfg.smooth > 0:
+        import trimesh
+
+        # Taubin (a shrink-free low-pass): fused depth leaves voxel-sized lumps on flat faces,
+        # and a lump at the top or bottom sets the height the export scales to.
+        trimesh.smoothing.filter_taubin(tm, lamb=0.5, nu=0.53, iterations=cfg.smooth)
     on_progress(Progress("mesh", 2, 4, message=f"decimate {len(tm.faces)} → {cfg.triangles}"))
     v = np.asarray(tm.vertices, np.float32)
     v, f = decimate(v, np.asarray(tm.faces, np.int64), cfg.triangles, cfg.min_component)

@@ -143,3 +143,54 @@ def test_unpinch_closes_two_sheets_pressed_onto_one_edge():
     assert tm.is_watertight and tm.is_winding_consistent and tm.volume > 0
     assert abs(tm.volume - 2.0) < 0.1  # only the pinch's neighbourhood was recut
     assert len(f) - 200 < len(f2) < len(f)
+
+
+def test_the_alpha_level_moves_with_flatness_between_the_two_ratios():
+    """Discs (shortest/longest axis ≤ mesh.FLAT_RATIO) are read at mesh.alpha, blobs (≥
+    mesh.BLOB_RATIO, as photometric fits' 0.24 are) at mesh.blob_alpha, linearly between: two
+    nearly alike splats never get levels far apart."""
+    from tdgen.mesh import BLOB_RATIO, FLAT_RATIO, _alpha_level
+
+    cfg = MeshConfig(alpha=0.5, blob_alpha=0.3)
+    levels = []
+    for ratio in (0.02, FLAT_RATIO, 0.7 * FLAT_RATIO + 0.3 * BLOB_RATIO, BLOB_RATIO, 0.24, 1.0):
+        g = isotropic(fibonacci_sphere(500, 0.5), sigma=0.02, opacity=0.9)
+        g.scales[:, 2] = math.log(0.02 * ratio)
+        levels.append(_alpha_level(g, cfg))
+    assert [k for k, _ in levels] == ["alpha"] * 3 + ["blob_alpha"] * 3
+    assert [round(a, 3) for _, a in levels] == [0.5, 0.5, 0.44, 0.3, 0.3, 0.3]
+
+
+def _lumpy_box(wavelength: float = 0.1, amplitude: float = 0.02):
+    """A 0.8 m box of 0.95-opacity blobs whose top is corrugated (the voxel-scale lumps fusion
+    leaves on a fitted splat's flat faces, made larger so the test sees them)."""
+    s = np.linspace(-0.4, 0.4, 41)
+    a, b = (x.ravel() for x in np.meshgrid(s, s))
+    faces = []
+    for axis in range(3):
+        for sign in (-1, 1):
+            p = np.zeros((len(a), 3))
+            u, w = (i for i in range(3) if i != axis)
+            p[:, u], p[:, w], p[:, axis] = a, b, sign * 0.4
+            if axis == 1 and sign == 1:
+                p[:, 1] += amplitude * np.sin(2 * np.pi * a / wavelength) * np.sin(2 * np.pi * b / wavelength)
+            faces.append(p)
+    return isotropic(np.concatenate(faces), sigma=0.015, opacity=0.95)
+
+
+def test_taubin_smoothing_flattens_lumps_without_shrinking():
+    """mesh.smooth: the lumps of a flat face lose at least a third of their height, the face
+    stays where it was (Taubin's shrink-free pass, not a Laplacian one), and the mesh stays
+    closed with its volume."""
+    g = _lumpy_box()
+    out = {}
+    for k in (0, 30):
+        m = extract_mesh(g, MeshConfig(**FAST, grid=48, triangles=20_000, smooth=k), "cpu")
+        v = m.vertices
+        top = v[(v[:, 1] > 0.3) & (np.abs(v[:, 0]) < 0.3) & (np.abs(v[:, 2]) < 0.3), 1]
+        tm = trimesh.Trimesh(m.vertices, m.faces, process=False)
+        assert tm.is_watertight
+        out[k] = (top.std(), top.mean(), tm.volume)
+    assert out[30][0] < 0.67 * out[0][0]
+    assert abs(out[30][1] - out[0][1]) < 0.001
+    assert abs(out[30][2] / out[0][2] - 1) < 0.01
