@@ -211,7 +211,7 @@ def test_encode_prompt_views(model, emb):
 @pytest.mark.parametrize("azimuths", [(0.0,), (0.0, 180.0)])
 def test_sds_gradient_is_weighted_noise_residual(model, emb, azimuths):
     b = len(azimuths)
-    cfg = Stage1Config(guidance_scale=7.5, t_schedule="anneal")
+    cfg = Stage1Config(guidance_scale=7.5, t_schedule="anneal", t_max=0.98)
     seed, progress = 123, 0.3
     sds = SDSGuidance(model, emb, cfg, torch.Generator().manual_seed(seed))
     latents = torch.randn(b, 4, 8, 8, generator=torch.Generator().manual_seed(1))
@@ -240,7 +240,7 @@ def test_sds_gradient_is_weighted_noise_residual(model, emb, azimuths):
 
 
 def test_anneal_schedule():
-    cfg = Stage1Config(t_schedule="anneal")
+    cfg = Stage1Config(t_schedule="anneal", t_max=0.98)
     g = torch.Generator().manual_seed(0)
     ts = [sample_timesteps(cfg, 1000, p / 20, 2, g, "cpu") for p in range(21)]
     firsts = [int(t[0]) for t in ts]
@@ -251,7 +251,7 @@ def test_anneal_schedule():
 
 
 def test_random_schedule_bounds():
-    cfg = Stage1Config(t_schedule="random")
+    cfg = Stage1Config(t_schedule="random", t_max=0.98)
     g = torch.Generator().manual_seed(0)
     early = sample_timesteps(cfg, 1000, 0.0, 4000, g, "cpu")
     assert early.min() >= 20 and early.max() <= 980
@@ -297,7 +297,7 @@ def test_sds_loss_from_images_reaches_pixels(model):
 
 def _image_cfg(**kw):
     # The image part's CFG is its own (7.5 here), not the latent part's guidance_scale.
-    base = dict(guidance_scale=20.0, sds_image_guidance=7.5, t_schedule="anneal",
+    base = dict(guidance_scale=20.0, sds_image_guidance=7.5, t_schedule="anneal", t_max=0.98,
                 encode_resolution=64, sds_space="image", sds_image_start=0.0)
     return Stage1Config(**{**base, **kw})
 

@@ -24,7 +24,9 @@ CI_STAGE1 = dict(steps=200, num_points=800, max_points=2000)
 # mug turned 180°): normal .784 / .582, flipped sign .295 / .293, swapped view prompts .627 / .834;
 # the three runs take ~90 s. With stage1.densify_fraction=0.2 (the default since): normal .788 / .555.
 # With stage1.sds_space=image (the default since 2026-12-03): normal .875 / .594, flipped .095 /
-# .095, swapped .589 / .869. (The first prior, 565 UNet steps: .821 / .616, .281 / .300, .592 / .804.)
+# .095, swapped .589 / .869. With stage1.t_max=0.8 (the default since 2026-12-07): normal .868 /
+# .596, flipped .106 / .106, swapped .588 / .868. (The first prior, 565 UNet steps: .821 / .616,
+# .281 / .300, .592 / .804.)
 IOU_MIN = 0.70
 """Silhouette IoU (16 held-out views) the recovered mug must exceed."""
 FRONT_MARGIN = 0.10
