@@ -92,7 +92,7 @@ class Stage1Config:
     let the first, noisiest steps spread the grey ball into a frame-filling fog on the toy prior
     (at guidance 100 their one-step targets are whole-frame blurs): the white mug fogged in 2 of
     3 seeds (IoU .073, .078). From 0.8 none fogged (mug .865 / .879 / .852), and over 4 objects ×
-    3 seeds the mean IoU rose from .672 to .81 and the colour error fell from .113 to .09
+    3 seeds the mean IoU rose from .673 to .811 and the colour error fell from .113 to .091
     (`benchmarks/results/toy-prior-2026-12-07b/`). Not yet measured on SD's weights."""
     t_min: float = 0.02
     """Smallest diffusion timestep, as a fraction of the training schedule."""

@@ -192,7 +192,8 @@ BLOB_RATIO = 0.2
 """At or above this median ratio a splat is blobby (SDS: ≈ 0.6; photometric fits from the sphere
 init: 0.24–0.25) and read at `mesh.blob_alpha`; between the two ratios the level moves linearly,
 so two nearly alike splats never get levels far apart. The fits' surfaces lie 3–5 mm inside the
-reference read at 0.5 and on it read at 0.3 (CPU case B, `benchmarks/results/caseb-2026-12-07/`)."""
+reference read at 0.5 and on it read at 0.3 (CPU case B: `benchmarks/results/caseb-2026-12-07/`,
+`stage2-level-smooth-2026-12-07/`)."""
 
 
 def _alpha_level(g: Gaussians, cfg: MeshConfig) -> tuple[str, float]:

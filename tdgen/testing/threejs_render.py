@@ -23,7 +23,6 @@ import os
 import re
 import select
 import shutil
-import subprocess
 import tempfile
 import threading
 import time
@@ -126,19 +125,24 @@ class _DevTools:
         self.timeout = timeout
         to_chrome_r, self._to_chrome = os.pipe()
         self._from_chrome, from_chrome_w = os.pipe()
-
-        def fds_3_and_4():  # in the child: park both ends above 10 first so dup2 cannot clobber
-            a = fcntl.fcntl(to_chrome_r, fcntl.F_DUPFD, 10)
-            b = fcntl.fcntl(from_chrome_w, fcntl.F_DUPFD, 10)
-            os.dup2(a, 3)
-            os.dup2(b, 4)
-
-        self._log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen([exe, *args, "--remote-debugging-pipe"], stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=self._log,
-                                     close_fds=False, preexec_fn=fds_3_and_4)
+        # posix_spawn's dup2 actions put the child's ends on fds 3 and 4 (no preexec_fn: it is
+        # unsafe while the HTTP server's thread runs); copies above 10 first, so neither dup2 can
+        # overwrite the other's source, and close-on-exec so the copies themselves do not leak.
+        r = fcntl.fcntl(to_chrome_r, fcntl.F_DUPFD_CLOEXEC, 10)
+        w = fcntl.fcntl(from_chrome_w, fcntl.F_DUPFD_CLOEXEC, 10)
         os.close(to_chrome_r)
         os.close(from_chrome_w)
+        self._log = tempfile.TemporaryFile()
+        try:
+            self.pid = os.posix_spawn(exe, [exe, *args, "--remote-debugging-pipe"], dict(os.environ),
+                                      file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                                                    (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+                                                    (os.POSIX_SPAWN_DUP2, self._log.fileno(), 2),
+                                                    (os.POSIX_SPAWN_DUP2, r, 3),
+                                                    (os.POSIX_SPAWN_DUP2, w, 4)])
+        finally:
+            os.close(r)
+            os.close(w)
         self._buf = b""
         self._id = 0
 
@@ -173,11 +177,13 @@ class _DevTools:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.call("Browser.close")
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        deadline = time.monotonic() + 10
+        while os.waitpid(self.pid, os.WNOHANG) == (0, 0):
+            if time.monotonic() > deadline:
+                os.kill(self.pid, 9)
+                os.waitpid(self.pid, 0)
+                break
+            time.sleep(0.05)
         for fd in (self._to_chrome, self._from_chrome):
             with contextlib.suppress(OSError):
                 os.close(fd)
