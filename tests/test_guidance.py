@@ -544,25 +544,37 @@ def _refuse_compile(monkeypatch) -> None:
     monkeypatch.setattr(torch, "compile", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no")))
 
 
+def _compiling_model(tiny_model_dir, tmp_path, monkeypatch, part: str, compile_ok: bool):
+    """The tiny model on CUDA with `compile_<part>` on and its inductor cache in `tmp_path`; with
+    `compile_ok` False, torch.compile raises, as a missing or failing compiler does."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    m = load_model(ModelConfig(id=str(tiny_model_dir), **{f"compile_{part}": True}), torch.device("cuda"))
+    assert getattr(m, f"compile_{part}")
+    if not compile_ok:
+        _refuse_compile(monkeypatch)
+    return m
+
+
+def _through_compile(m, part: str, compile_ok: bool, fn):
+    """`fn()`; where compiling fails it must warn, name the setting, turn `compile_<part>` off and
+    still return the eager result (a failing compiler must leave the asset to eager)."""
+    if compile_ok:
+        return fn()
+    with pytest.warns(UserWarning, match=f"compile_{part}=false"):
+        out = fn()
+    assert not getattr(m, f"compile_{part}")
+    return out
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("compile_ok", [True, False])
 def test_compiled_encoder_matches_eager(tiny_model_dir, tmp_path, monkeypatch, compile_ok):
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    device = torch.device("cuda")
-    m = load_model(ModelConfig(id=str(tiny_model_dir), compile_encoder=True), device)
-    assert m.compile_encoder
-    if not compile_ok:  # a compiler that fails must leave the asset to the eager encoder
-        _refuse_compile(monkeypatch)
-    x = (torch.rand(1, 3, 64, 64, device=device) * 2 - 1).half().requires_grad_(True)
-    g = torch.randn(1, 4, 8, 8, device=device)
+    m = _compiling_model(tiny_model_dir, tmp_path, monkeypatch, "encoder", compile_ok)
+    x = (torch.rand(1, 3, 64, 64, device=m.device) * 2 - 1).half().requires_grad_(True)
+    g = torch.randn(1, 4, 8, 8, device=m.device)
     eager_mean = m.vae.encode(x).latent_dist.mean
     (eager_grad,) = torch.autograd.grad((eager_mean.float() * g).sum(), x)
-    if compile_ok:
-        dist = m.latent_dist(x)
-    else:
-        with pytest.warns(UserWarning, match="compile_encoder=false"):
-            dist = m.latent_dist(x)
-        assert not m.compile_encoder
+    dist = _through_compile(m, "encoder", compile_ok, lambda: m.latent_dist(x))
     (grad,) = torch.autograd.grad((dist.mean.float() * g).sum(), x)
     torch.testing.assert_close(dist.mean, eager_mean, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(grad, eager_grad, rtol=2e-2, atol=2e-2)
@@ -578,20 +590,10 @@ def test_cpu_encoder_is_the_vae_itself(model):
 @pytest.mark.gpu
 @pytest.mark.parametrize("compile_ok", [True, False])
 def test_compiled_decoder_matches_eager(tiny_model_dir, tmp_path, monkeypatch, compile_ok):
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    device = torch.device("cuda")
-    m = load_model(ModelConfig(id=str(tiny_model_dir), compile_decoder=True), device)
-    assert m.compile_decoder
-    if not compile_ok:  # a compiler that fails must leave the asset to the eager decoder
-        _refuse_compile(monkeypatch)
-    z = torch.randn(1, 4, 8, 8, device=device).half()
+    m = _compiling_model(tiny_model_dir, tmp_path, monkeypatch, "decoder", compile_ok)
+    z = torch.randn(1, 4, 8, 8, device=m.device).half()
     eager = m.vae.decode(z).sample
-    if compile_ok:
-        out = m.decode(z)
-    else:
-        with pytest.warns(UserWarning, match="compile_decoder=false"):
-            out = m.decode(z)
-        assert not m.compile_decoder
+    out = _through_compile(m, "decoder", compile_ok, lambda: m.decode(z))
     assert out.shape == eager.shape == (1, 3, 64, 64)
     torch.testing.assert_close(out, eager, rtol=2e-2, atol=2e-2)
     assert (m._compiled_decode is not None) == compile_ok
