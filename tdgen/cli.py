@@ -95,15 +95,10 @@ def _run(fn: Callable[[], T]) -> T:
 
 
 def _resolve(preset: str, sets: Optional[List[str]], config_file: Optional[Path], **shortcuts):
-    from tdgen.config import apply_overrides, load_toml_file, parse_set_args, resolve_config, with_shortcuts
+    from tdgen.config import load_toml_file, parse_set_args, resolve_config, shortcut_layers
 
-    cfg = resolve_config(preset)
-    if config_file is not None:
-        cfg = apply_overrides(cfg, load_toml_file(config_file), source=str(config_file))
-    cfg = with_shortcuts(cfg, **shortcuts)
-    if sets:
-        cfg = apply_overrides(cfg, parse_set_args(sets))
-    return cfg
+    layers = [(load_toml_file(config_file), str(config_file))] if config_file is not None else []
+    return resolve_config(preset, parse_set_args(sets or []), layers=layers + shortcut_layers(**shortcuts))
 
 
 class _Bars:

@@ -534,36 +534,84 @@ def parse_set_args(items: list[str] | tuple[str, ...]) -> dict[str, str]:
     return out
 
 
+MODEL_SETTINGS_FILE = "tdgen.toml"
+"""A local model folder may hold this file: the settings that model is meant to be used at (its
+guidance scale, say: the best SDS guidance differs from prior to prior, 100 for SD 2.1, 20 for
+the toy prior of `benchmarks/toy_prior`). Applied over the code defaults and under everything
+the user gives (preset, --config, --model, --set); the config written beside each output
+records the values used."""
+
+MODEL_SETTINGS_SECTIONS = ("stage1", "texture")
+"""What a model's settings file may change: how the prior is used, not where or what is made."""
+
+
+def model_settings(model_id: str) -> tuple[dict[str, Any], str | None]:
+    """Flat changes from `model_id`'s `MODEL_SETTINGS_FILE` and that file's path; ({}, None) for
+    a hub id or a folder without one. Hub ids are left alone on purpose: their file would change
+    the config on the run after the first download, and with it every batch fingerprint."""
+    path = Path(model_id).expanduser() / MODEL_SETTINGS_FILE
+    if not path.is_file():
+        return {}, None
+    changes = load_toml_file(path)
+    for key in changes:
+        if key.split(".")[0] not in MODEL_SETTINGS_SECTIONS:
+            raise ConfigError(
+                f"{path}: {key!r} is not a model setting (a model's {MODEL_SETTINGS_FILE} may set "
+                f"only {', '.join(s + '.*' for s in MODEL_SETTINGS_SECTIONS)}); remove it from the file "
+                "and pass it with --set instead"
+            )
+    return changes, str(path)
+
+
 def resolve_config(
     preset: str | None = "standard",
     sets: Mapping[str, Any] | None = None,
     base: Config | None = None,
+    layers: list[tuple[Mapping[str, Any], str]] | tuple = (),
 ) -> Config:
-    """Defaults → preset → ``--set`` changes, validated."""
-    cfg = base or Config()
+    """Defaults → the model folder's settings (`model_settings`) → preset → `layers` (changes,
+    source: a --config file, CLI shortcuts) → ``--set`` changes, validated. The model is the one
+    the whole stack names, so `--model DIR` and `--set model.id=DIR` bring DIR's settings."""
+    stack: list[tuple[Mapping[str, Any], str]] = []
     if preset:
-        cfg = apply_overrides(cfg, load_preset(preset), source=f"preset {preset}")
+        stack.append((load_preset(preset), f"preset {preset}"))
+    stack.extend(layers)
     if sets:
-        cfg = apply_overrides(cfg, sets)
+        stack.append((sets, "--set"))
+
+    def build(start: Config) -> Config:
+        for changes, source in stack:
+            start = apply_overrides(start, changes, source=source)
+        return start
+
+    cfg = build(base or Config())
+    changes, path = model_settings(cfg.model.id)
+    if changes:
+        cfg = build(apply_overrides(base or Config(), changes, source=path))
     validate(cfg)
     return cfg
 
 
-def with_shortcuts(
-    cfg: Config,
+def shortcut_layers(
     *,
     seed: int | None = None,
     model: str | None = None,
     negative: str | None = None,
     lods: int | None = None,
     crop: str | None = None,
-) -> Config:
-    """Apply the CLI's shortcut options (`--seed`, `--model`, `--negative`, `--lods`, `--crop`)."""
-    for flag, key, value in (("--seed", "seed", seed), ("--model", "model.id", model),
-                             ("--negative", "stage1.negative_prompt", negative), ("--lods", "export.lods", lods),
-                             ("--crop", "mesh.crop", crop)):
-        if value is not None:
-            cfg = apply_overrides(cfg, {key: value}, source=flag)
+) -> list[tuple[dict[str, Any], str]]:
+    """The CLI's shortcut options (`--seed`, `--model`, `--negative`, `--lods`, `--crop`) as
+    `resolve_config` layers, each error naming its flag."""
+    return [({key: value}, flag) for flag, key, value in (
+        ("--seed", "seed", seed), ("--model", "model.id", model),
+        ("--negative", "stage1.negative_prompt", negative), ("--lods", "export.lods", lods),
+        ("--crop", "mesh.crop", crop)) if value is not None]
+
+
+def with_shortcuts(cfg: Config, **shortcuts: Any) -> Config:
+    """`cfg` with the CLI's shortcut options applied (see `shortcut_layers`)."""
+    for changes, flag in shortcut_layers(**shortcuts):
+        cfg = apply_overrides(cfg, changes, source=flag)
     return cfg
 
 

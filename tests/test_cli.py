@@ -173,6 +173,29 @@ def test_mesh_takes_seed_and_negative_and_notes_when_unused(tmp_path):
     assert "seed = 7" in cfg and 'negative_prompt = "blurry"' in cfg
 
 
+def test_model_folder_settings_reach_the_run_and_bad_ones_stop_it(tmp_path):
+    from test_pipeline import _two_colour_sphere
+
+    from tdgen.gaussians import save_ply
+
+    ply, model = tmp_path / "ball.ply", tmp_path / "model"
+    model.mkdir()
+    save_ply(_two_colour_sphere(n=1500), ply)
+    (model / "tdgen.toml").write_text("[texture]\nrefine_guidance_scale = 12.5\n[stage1]\nguidance_scale = 20.0\n")
+    args = ["mesh", str(ply), "-o", str(tmp_path / "ball.glb"), "--preset", "smoke", "--device", "cpu",
+            "--model", str(model), "--set", "export.preview=false", "--set", "stage1.guidance_scale=30"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    cfg = (tmp_path / "ball.config.toml").read_text()
+    assert "refine_guidance_scale = 12.5" in cfg and "guidance_scale = 30.0" in cfg  # --set wins
+    (model / "tdgen.toml").write_text("[mesh]\ngrid = 64\n")
+    out = tmp_path / "again.glb"
+    r = runner.invoke(app, args[:3] + [str(out)] + args[4:])
+    assert r.exit_code == 2, r.output
+    assert "'mesh.grid' is not a model setting" in " ".join(r.output.split())
+    assert not out.exists()
+
+
 def test_readme_exit_code_table_covers_every_error():
     import re
     from pathlib import Path

@@ -132,6 +132,31 @@ def test_with_shortcuts():
         C.with_shortcuts(C.Config(), lods=-1)
 
 
+
+def test_model_folder_settings_sit_under_everything_the_user_gives(tmp_path):
+    (tmp_path / C.MODEL_SETTINGS_FILE).write_text("[stage1]\nguidance_scale = 20.0\nt_max = 0.7\n")
+    model = {"model.id": str(tmp_path)}
+    cfg = C.resolve_config("draft", model)
+    assert (cfg.stage1.guidance_scale, cfg.stage1.t_max, cfg.stage1.steps) == (20.0, 0.7, 250)
+    # --set wins over the folder's file, and so do the --model shortcut's and --config's layers.
+    cfg = C.resolve_config("standard", model | {"stage1.guidance_scale": "50"})
+    assert (cfg.stage1.guidance_scale, cfg.stage1.t_max) == (50.0, 0.7)
+    cfg = C.resolve_config("standard", {}, layers=[({"stage1.t_max": 0.9}, "cfg.toml")]
+                           + C.shortcut_layers(model=str(tmp_path), seed=4))
+    assert (cfg.stage1.guidance_scale, cfg.stage1.t_max, cfg.seed) == (20.0, 0.9, 4)
+    # Without the folder (a hub id, the default) nothing changes.
+    assert C.resolve_config("standard", {"model.id": str(tmp_path / "other")}).stage1.guidance_scale == 100.0
+    assert C.resolve_config("standard") == C.Config()
+
+
+def test_model_folder_settings_may_not_change_what_is_made(tmp_path):
+    (tmp_path / C.MODEL_SETTINGS_FILE).write_text("[export]\nheight = 2.0\n")
+    with pytest.raises(ConfigError, match=r"'export.height' is not a model setting.*--set"):
+        C.resolve_config("standard", {"model.id": str(tmp_path)})
+    (tmp_path / C.MODEL_SETTINGS_FILE).write_text("[stage1]\nguidance_scale = -3.0\n")
+    with pytest.raises(ConfigError, match="guidance_scale"):
+        C.resolve_config("standard", {"model.id": str(tmp_path)})
+
 @given(st.integers(min_value=1, max_value=100_000))
 def test_int_values_parse(n):
     assert C.resolve_config(None, {"stage1.steps": str(n)}).stage1.steps == n

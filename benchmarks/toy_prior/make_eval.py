@@ -109,7 +109,8 @@ def run_eval(model: Path, objects: list[str], workdir: Path, device: str, extra:
     workdir.mkdir(parents=True, exist_ok=True)
     sets = {**scaled_sets(_prior_image(model)), "export.splat": "true", **{k: str(v) for k, v
                                                                               in extra.items()}}
-    cfg = resolve_config(preset, sets)  # the same strings the CLI parses
+    # The same strings the CLI parses, and the model folder's own settings (its tdgen.toml).
+    cfg = resolve_config(preset, {**sets, "model.id": str(model)})
     rows = []
     for obj in objects:
         glb = workdir / f"{obj}.glb"
@@ -117,7 +118,8 @@ def run_eval(model: Path, objects: list[str], workdir: Path, device: str, extra:
             made = make_one(model, obj, glb, device, sets, preset, seed)
             row = measure_object(obj, glb, glb.with_suffix(".ply"), cfg, device,
                                  workdir / f"{obj}.compare.png")
-            row.update(wall_s=made["wall_s"], timings=made["cli"].get("timings"))
+            row.update(wall_s=made["wall_s"], timings=made["cli"].get("timings"),
+                       guidance_scale=cfg.stage1.guidance_scale)
         except Exception as e:  # one failure must not hide the other objects' numbers
             row = {"object": obj, "error": f"{type(e).__name__}: {e}"}
         print(json.dumps(row), flush=True)
