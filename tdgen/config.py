@@ -202,11 +202,13 @@ class MeshConfig:
     triangles: int = 20_000
     """Triangle budget after decimation."""
     smooth: int = 30
-    """Taubin smoothing iterations on the marching-cubes surface before decimation (0 = none).
-    30 flattens the voxel-sized lumps fusion leaves on flat faces, where one sets the height the
-    export scales to: the CPU case-B table after that normalisation F .748 → .873 read at alpha
-    0.5, .927 → .940 at 0.3; case A unchanged on all nine objects (normal consistency up on
-    each); ~0.07 s at 128³."""
+    """Taubin smoothing iterations on the marching-cubes surface before decimation (0 = none),
+    for blobby splats; flat ones (trained 3DGS surfels) get fewer, down to none at
+    `mesh.FLAT_RATIO`, as they get `mesh.alpha`. 30 flattens the voxel-sized lumps fusion leaves
+    on a blobby splat's flat faces, where one sets the height the export scales to: the CPU
+    case-B table after that normalisation F .748 → .873 read at alpha 0.5, .927 → .940 at 0.3;
+    ~0.07 s at 128³. On flat surfels they only rounded slab edges (chair −0.6 dB). With
+    `mesh.method = density` all of them apply."""
     crop: str = ""
     """Keep only Gaussians whose centre lies in this box, "xmin,ymin,zmin,xmax,ymax,zmax" in the
     splat's own coordinates (a captured scene's object); empty keeps all."""

@@ -196,12 +196,26 @@ reference read at 0.5 and on it read at 0.3 (CPU case B: `benchmarks/results/cas
 `stage2-level-smooth-2026-12-07/`)."""
 
 
-def _alpha_level(g: Gaussians, cfg: MeshConfig) -> tuple[str, float]:
-    """The accumulated alpha fusion reads depth at, and the setting that mostly decides it."""
+def _blobbiness(g: Gaussians) -> float:
+    """0 for a flat splat (median shortest/longest axis ≤ `FLAT_RATIO`), 1 for a blobby one
+    (≥ `BLOB_RATIO`), linear between."""
     s = torch.exp(g.scales[g.bulk()].float())  # [M, 3]
     ratio = float((s.amin(-1) / s.amax(-1).clamp_min(1e-20)).median())
-    t = min(max((ratio - FLAT_RATIO) / (BLOB_RATIO - FLAT_RATIO), 0.0), 1.0)
+    return min(max((ratio - FLAT_RATIO) / (BLOB_RATIO - FLAT_RATIO), 0.0), 1.0)
+
+
+def _alpha_level(t: float, cfg: MeshConfig) -> tuple[str, float]:
+    """The accumulated alpha fusion reads depth at for blobbiness `t`, and the setting that
+    mostly decides it."""
     return ("alpha" if t < 0.5 else "blob_alpha"), cfg.alpha + t * (cfg.blob_alpha - cfg.alpha)
+
+
+def _smoothing_passes(t: float, cfg: MeshConfig) -> int:
+    """Taubin passes for blobbiness `t`: `mesh.smooth` for blobby splats, none for flat ones.
+    The lumps are a blobby splat's (its visible surface is as bumpy as its blobs are thick);
+    flat surfels fuse flat already, and the passes only round their slabs' edges (60k-surfel
+    chair, H100 splat re-meshed on the CPU: held-out PSNR 25.02 dB → 24.38 with 30 passes)."""
+    return int(round(t * cfg.smooth))
 
 
 def extract_mesh(
@@ -232,7 +246,8 @@ def extract_mesh(
         if method == "fusion":
             from tdgen.fusion import fuse_depth
 
-            key, alpha = _alpha_level(kept, cfg)
+            blobby = _blobbiness(kept)
+            key, alpha = _alpha_level(blobby, cfg)
             field, origin, voxel = fuse_depth(
                 kept, cfg.grid, cfg.views, cfg.view_resolution, cfg.truncation,
                 alpha, on_progress=on_progress,
@@ -247,6 +262,7 @@ def extract_mesh(
                     f"lower mesh.{key} or check that the splat is not empty or transparent"
                 )
             outside = -cfg.truncation
+            passes = _smoothing_passes(blobby, cfg)
         else:
             from tdgen.density import density_field
 
@@ -254,6 +270,7 @@ def extract_mesh(
                 g.means[keep], covs[keep], alphas[keep], cfg.grid, cfg.threshold, on_progress
             )
             outside = 0.0
+            passes = cfg.smooth
 
     on_progress(Progress("mesh", 0, 4, message=f"marching cubes at {level:.3g}"))
     # An outside layer round the lattice: a surface touching the border still closes.
@@ -270,12 +287,12 @@ def extract_mesh(
         raise GenerationError(
             "marching cubes produced only degenerate triangles; raise mesh.grid or check the splat"
         )
-    if cfg.smooth > 0:
+    if passes > 0:
         import trimesh
 
         # Taubin (a shrink-free low-pass): fused depth leaves voxel-sized lumps on flat faces,
         # and a lump at the top or bottom sets the height the export scales to.
-        trimesh.smoothing.filter_taubin(tm, lamb=0.5, nu=0.53, iterations=cfg.smooth)
+        trimesh.smoothing.filter_taubin(tm, lamb=0.5, nu=0.53, iterations=passes)
     on_progress(Progress("mesh", 2, 4, message=f"decimate {len(tm.faces)} → {cfg.triangles}"))
     v = np.asarray(tm.vertices, np.float32)
     v, f = decimate(v, np.asarray(tm.faces, np.int64), cfg.triangles, cfg.min_component)

@@ -149,16 +149,18 @@ def test_the_alpha_level_moves_with_flatness_between_the_two_ratios():
     """Discs (shortest/longest axis ≤ mesh.FLAT_RATIO) are read at mesh.alpha, blobs (≥
     mesh.BLOB_RATIO, as photometric fits' 0.24 are) at mesh.blob_alpha, linearly between: two
     nearly alike splats never get levels far apart."""
-    from tdgen.mesh import BLOB_RATIO, FLAT_RATIO, _alpha_level
+    from tdgen.mesh import BLOB_RATIO, FLAT_RATIO, _alpha_level, _blobbiness, _smoothing_passes
 
-    cfg = MeshConfig(alpha=0.5, blob_alpha=0.3)
-    levels = []
+    cfg = MeshConfig(alpha=0.5, blob_alpha=0.3, smooth=30)
+    levels, passes = [], []
     for ratio in (0.02, FLAT_RATIO, 0.7 * FLAT_RATIO + 0.3 * BLOB_RATIO, BLOB_RATIO, 0.24, 1.0):
         g = isotropic(fibonacci_sphere(500, 0.5), sigma=0.02, opacity=0.9)
         g.scales[:, 2] = math.log(0.02 * ratio)
-        levels.append(_alpha_level(g, cfg))
+        levels.append(_alpha_level(_blobbiness(g), cfg))
+        passes.append(_smoothing_passes(_blobbiness(g), cfg))
     assert [k for k, _ in levels] == ["alpha"] * 3 + ["blob_alpha"] * 3
     assert [round(a, 3) for _, a in levels] == [0.5, 0.5, 0.44, 0.3, 0.3, 0.3]
+    assert passes == [0, 0, 9, 30, 30, 30]  # flat surfels' slab edges stay sharp
 
 
 def _lumpy_box(wavelength: float = 0.1, amplitude: float = 0.02):
