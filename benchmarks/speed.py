@@ -90,7 +90,8 @@ def build_model(args, device: torch.device, workdir: Path):
             return build_full_sd21_base(device, dtype, tiny_encoder=args.tiny_encoder,
                                         cuda_graphs=not args.no_graphs,
                                         compile_encoder=not args.no_compile,
-                                        compile_decoder=not (args.no_compile or args.no_compile_decoder))
+                                        compile_decoder=not (args.no_compile or args.no_compile_decoder),
+                                        compile_unet=args.compile_unet)
 
     return timed(build, device)
 
@@ -282,6 +283,9 @@ def sds_variants(device: torch.device, resolution: int) -> list[dict[str, Any]]:
         {"name": "CUDA graph UNet, VAE, image-space SDS, compiled decoder", "graphs": graphs,
          "encoder": "vae", "render": resolution, "encode": 0, "space": "image",
          "decoder": "compiled"},
+        {"name": "CUDA graph of the compiled UNet, VAE, image-space SDS, compiled decoder",
+         "graphs": graphs, "encoder": "vae", "render": resolution, "encode": 0, "space": "image",
+         "decoder": "compiled", "unet": "compiled"},
         {"name": "CUDA graph UNet, tiny encoder, image-space SDS, compiled decoder",
          "graphs": graphs, "encoder": "tiny", "render": resolution, "encode": 0, "space": "image",
          "decoder": "compiled"},
@@ -298,6 +302,7 @@ def bench_sds(model, device: torch.device, resolution: int, steps: int, warmup: 
     emb = encode_prompt(model, PROMPTS[0])
     tiny = tiny_autoencoder(model, device)
     own_tiny, own_graphs, own_dec = model.tiny_vae, model.cuda_graphs, model.compile_decoder
+    own_unet = model.compile_unet
     rows = []
     try:
         for v in sds_variants(device, resolution):
@@ -307,6 +312,10 @@ def bench_sds(model, device: torch.device, resolution: int, steps: int, warmup: 
             model.tiny_vae = tiny if v["encoder"] == "tiny" else None
             if "decoder" in v:
                 model.compile_decoder = own_dec and v["decoder"] == "compiled"
+            if model.compile_unet != (v.get("unet") == "compiled" and device.type == "cuda"):
+                # The captured graphs hold whichever UNet ran when they were captured.
+                model.compile_unet = v.get("unet") == "compiled" and device.type == "cuda"
+                model.graphs.clear()
             cfg = Stage1Config(encode_resolution=v["encode"], sds_space=v.get("space", "latent"),
                                sds_image_start=0.0)
             sds = SDSGuidance(model, emb, cfg, make_generator(0, device))
@@ -331,6 +340,9 @@ def bench_sds(model, device: torch.device, resolution: int, steps: int, warmup: 
             log(f"[speed] sds: {v['name']}: {rows[-1]['ms_per_step']:.2f} ms/step")
     finally:
         model.tiny_vae, model.cuda_graphs, model.compile_decoder = own_tiny, own_graphs, own_dec
+        if model.compile_unet != own_unet:
+            model.compile_unet = own_unet
+            model.graphs.clear()
     return rows
 
 
@@ -533,6 +545,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true", help="the tiny random model at test sizes (CPU)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"])
     ap.add_argument("--no-graphs", action="store_true", help="pipeline runs without CUDA graphs")
+    ap.add_argument("--compile-unet", action="store_true",
+                    help="the UNet through torch.compile too (model.compile_unet=true)")
     ap.add_argument("--no-compile", action="store_true", help="VAE encoder and decoder eager (model.compile_encoder=false, compile_decoder=false)")
     ap.add_argument("--no-compile-decoder", action="store_true",
                     help="VAE decoder eager (model.compile_decoder=false), the encoder as --no-compile says")

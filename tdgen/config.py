@@ -52,6 +52,10 @@ class ModelConfig:
     encoder: an image-space SDS step at 512² 37.3 → 23.7 ms, warm `standard` 29.9 → 26.0 s on an
     H100. Same outputs to fp16 rounding; a failed compile falls back to eager with a warning. The
     first compile on a machine adds ~20 s; later processes read inductor's cache."""
+    compile_unet: bool = False
+    """Run the UNet through torch.compile on CUDA (static shapes; inside the CUDA graph when
+    `cuda_graphs` is on), as the VAE's encoder and decoder are: inductor fuses its GroupNorm/SiLU
+    pairs and pointwise tails. Off by default until measured against the plain graph."""
 
 
 @dataclass(frozen=True)

@@ -104,7 +104,7 @@ def view_embeddings(emb: PromptEmbeddings, azimuth: Tensor) -> Tensor:  # [B] de
 
 def _unet_eps(model: DiffusionModel, latents: Tensor, t: Tensor, emb: Tensor) -> Tensor:
     """Raw UNet forward on [2B, 4, h, w] model-dtype latents, [2B] timesteps, [2B, L, D]."""
-    return model.unet(latents, t, encoder_hidden_states=emb, return_dict=False)[0]
+    return model.unet_forward(latents, t, emb)
 
 
 class _GraphedUNet:

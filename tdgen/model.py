@@ -66,8 +66,25 @@ class DiffusionModel:
     """Run the VAE encoder through torch.compile (set only when on CUDA and enabled)."""
     compile_decoder: bool = False
     """Run the VAE decoder through torch.compile (set only when on CUDA and enabled)."""
+    compile_unet: bool = False
+    """Run the UNet through torch.compile (set only when on CUDA and enabled)."""
     _compiled_moments: Any = field(default=None, init=False, repr=False)
     _compiled_decode: Any = field(default=None, init=False, repr=False)
+    _compiled_unet: Any = field(default=None, init=False, repr=False)
+
+    def unet_forward(self, latents: Tensor, t: Tensor, emb: Tensor) -> Tensor:
+        """The UNet's raw output for [B, 4, h, w] model-dtype latents, [B] timesteps and
+        [B, L, D] text embeddings, compiled on CUDA with `compile_unet` (static shapes: stage 1
+        and refinement each use one or two, and a shape-generic kernel would be slower)."""
+        if self.compile_unet and self.device.type == "cuda":
+            out = self._run_compiled("unet", "_compiled_unet", self._unet, latents, t, emb,
+                                     dynamic=False)
+            if out is not None:
+                return out
+        return self._unet(latents, t, emb)
+
+    def _unet(self, latents: Tensor, t: Tensor, emb: Tensor) -> Tensor:
+        return self.unet(latents, t, encoder_hidden_states=emb, return_dict=False)[0]
 
     def latent_dist(self, x: Tensor):
         """The VAE's posterior for images x [B, 3, H, W] in [-1, 1] (model dtype): a diffusers
@@ -108,17 +125,18 @@ class DiffusionModel:
             out = self._run_compiled("decoder", "_compiled_decode", self._decode, z)
         return self.vae.decode(z).sample if out is None else out
 
-    def _run_compiled(self, part: str, cache: str, fn, *args):
+    def _run_compiled(self, part: str, cache: str, fn, *args, dynamic: bool | None = None):
         """`fn(*args)` through torch.compile, the compiled function kept in attribute `cache`;
         None when compiling or running it fails: a compiler missing or failing must not fail the
         asset, so it warns once and turns `compile_<part>` off for the calls after."""
         try:
             if getattr(self, cache) is None:
                 _inductor_cache_default()
-                setattr(self, cache, torch.compile(fn))
+                setattr(self, cache, torch.compile(fn, dynamic=dynamic))
             return getattr(self, cache)(*args)
         except Exception as exc:
-            warnings.warn(f"torch.compile of the VAE {part} failed, running it eagerly "
+            label = "UNet" if part == "unet" else f"VAE {part}"
+            warnings.warn(f"torch.compile of the {label} failed, running it eagerly "
                           f"(set model.compile_{part}=false to skip the attempt): {exc!r:.300}")
             setattr(self, f"compile_{part}", False)
             return None
@@ -155,7 +173,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def assemble_model(tokenizer, text_encoder, vae, unet, scheduler, device, dtype: torch.dtype,
                    model_id: str, source: dict, tiny_vae=None, cuda_graphs: bool = True,
-                   compile_encoder: bool = False, compile_decoder: bool = False) -> DiffusionModel:
+                   compile_encoder: bool = False, compile_decoder: bool = False,
+                   compile_unet: bool = False) -> DiffusionModel:
     """Move frozen modules to `device`/`dtype` in eval mode and wrap them as a DiffusionModel."""
     device = torch.device(device)
     modules = [m for m in (text_encoder, vae, unet, tiny_vae) if m is not None]
@@ -171,7 +190,8 @@ def assemble_model(tokenizer, text_encoder, vae, unet, scheduler, device, dtype:
                            source, tiny_vae=tiny_vae,
                            cuda_graphs=bool(cuda_graphs and device.type == "cuda"),
                            compile_encoder=bool(compile_encoder and device.type == "cuda"),
-                           compile_decoder=bool(compile_decoder and device.type == "cuda"))
+                           compile_decoder=bool(compile_decoder and device.type == "cuda"),
+                           compile_unet=bool(compile_unet and device.type == "cuda"))
     _ = model.alphas_cumprod  # move the schedule once
     return model
 
@@ -518,7 +538,8 @@ def load_model(cfg: ModelConfig, device) -> DiffusionModel:
         source = {**source, "sds_encoder": tiny_source}
     return assemble_model(tokenizer, text_encoder, vae, unet, scheduler, device, dtype, cfg.id,
                           source, tiny_vae=tiny_vae, cuda_graphs=cfg.cuda_graphs,
-                          compile_encoder=cfg.compile_encoder, compile_decoder=cfg.compile_decoder)
+                          compile_encoder=cfg.compile_encoder, compile_decoder=cfg.compile_decoder,
+                          compile_unet=cfg.compile_unet)
 
 
 def load_tiny_encoder(model_id: str, revision: str, dtype: torch.dtype):

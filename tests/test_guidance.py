@@ -605,13 +605,42 @@ def test_cpu_decoder_is_the_vae_itself(model):
     assert not model.compile_decoder  # compile is a CUDA choice only
 
 
-@pytest.mark.parametrize("part, cache", [("encoder", "_compiled_moments"),
-                                         ("decoder", "_compiled_decode")])
-def test_a_failing_compile_warns_once_and_turns_itself_off(model, monkeypatch, part, cache):
-    m = dataclasses.replace(model, compile_encoder=True, compile_decoder=True)
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile_ok", [True, False])
+def test_compiled_unet_matches_eager_inside_the_graph(tiny_model_dir, tmp_path, monkeypatch, compile_ok):
+    """model.compile_unet: the CFG prediction replayed from a CUDA graph of the compiled UNet
+    equals the eager one; a failing compiler leaves the graph of the eager UNet."""
+    m = _compiling_model(tiny_model_dir, tmp_path, monkeypatch, "unet", compile_ok)
+    e = encode_prompt(m, "a chair")
+    g = torch.Generator(device=m.device).manual_seed(0)
+    noisy = torch.randn(1, 4, 8, 8, device=m.device, generator=g)
+    t = torch.tensor([500], device=m.device)
+    out = _through_compile(m, "unet", compile_ok, lambda: predict_noise_cfg(
+        m, noisy, t, e.views["side"], e.uncond, 7.5, use_graphs=True))
+    assert any(m.graphs.values()), "graph capture fell back to eager"
+    assert (m._compiled_unet is not None) == compile_ok
+    m.compile_unet = False
+    plain = predict_noise_cfg(m, noisy, t, e.views["side"], e.uncond, 7.5, use_graphs=False)
+    torch.testing.assert_close(out, plain, rtol=2e-2, atol=2e-2)
+
+
+def test_cpu_unet_is_not_compiled(tiny_model_dir):
+    m = load_model(ModelConfig(id=str(tiny_model_dir), compile_unet=True), torch.device("cpu"))
+    assert not m.compile_unet and m._compiled_unet is None  # compile is a CUDA choice only
+    x = torch.randn(2, 4, 8, 8)
+    t = torch.tensor([10, 10])
+    emb = encode_prompt(m, "a chair").uncond.expand(2, -1, -1)
+    torch.testing.assert_close(m.unet_forward(x, t, emb), m.unet(x, t, encoder_hidden_states=emb).sample)
+
+
+@pytest.mark.parametrize("part, cache, label", [("encoder", "_compiled_moments", "VAE encoder"),
+                                                ("decoder", "_compiled_decode", "VAE decoder"),
+                                                ("unet", "_compiled_unet", "UNet")])
+def test_a_failing_compile_warns_once_and_turns_itself_off(model, monkeypatch, part, cache, label):
+    m = dataclasses.replace(model, compile_encoder=True, compile_decoder=True, compile_unet=True)
     _refuse_compile(monkeypatch)
-    with pytest.warns(UserWarning, match=f"VAE {part} failed.*model.compile_{part}=false"):
+    with pytest.warns(UserWarning, match=f"{label} failed.*model.compile_{part}=false"):
         assert m._run_compiled(part, cache, lambda x: x + 1, torch.zeros(2)) is None
     assert getattr(m, f"compile_{part}") is False and getattr(m, cache) is None
-    other = "decoder" if part == "encoder" else "encoder"
-    assert getattr(m, f"compile_{other}") is True  # only the part that failed is turned off
+    for other in {"encoder", "decoder", "unet"} - {part}:
+        assert getattr(m, f"compile_{other}") is True  # only the part that failed is turned off
