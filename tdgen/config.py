@@ -55,7 +55,10 @@ class ModelConfig:
     compile_unet: bool = False
     """Run the UNet through torch.compile on CUDA (static shapes; inside the CUDA graph when
     `cuda_graphs` is on), as the VAE's encoder and decoder are: inductor fuses its GroupNorm/SiLU
-    pairs and pointwise tails. Off by default until measured against the plain graph."""
+    pairs and pointwise tails. An image-space SDS step at 512² 23.6 → 20.0 ms on an H100, yet a
+    warm `standard` stage 1 took 14.7 s with it against 14.8 s without (the UNet's GPU time is
+    not what bounds the step in the pipeline), refinement 3.3 s against 3.6 s; the first compile
+    on a machine costs ~50 s. Off by default: a cold run pays more than a warm one saves."""
 
 
 @dataclass(frozen=True)
