@@ -411,6 +411,22 @@ def test_inputs_hash_covers_prompt_config_model_and_version():
     assert B.inputs_hash(a.prompt, a.cfg, a.model_key, version="9.9") != base
 
 
+def test_a_model_folders_settings_reach_every_asset_and_its_fingerprint(tmp_path):
+    """tdgen.toml in the model folder sets the assets' config (under a manifest's own `set`), and
+    editing it regenerates the batch (it is one of the folder's files, as the weights are)."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "tdgen.toml").write_text("[stage1]\nguidance_scale = 20.0\n")
+    f = write(tmp_path / "m.toml", '[[asset]]\nprompt = "a"\n[[asset]]\nprompt = "b"\n'
+              'set = { "stage1.guidance_scale" = 30.0 }\n')
+    a, b = B.plan_assets(B.load_batch_file(f), sets={"model.id": str(model)})
+    assert (a.cfg.stage1.guidance_scale, b.cfg.stage1.guidance_scale) == (20.0, 30.0)
+    (model / "tdgen.toml").write_text("[stage1]\nguidance_scale = 25.0\n")
+    a2, b2 = B.plan_assets(B.load_batch_file(f), sets={"model.id": str(model)})
+    assert (a2.cfg.stage1.guidance_scale, b2.cfg.stage1.guidance_scale) == (25.0, 30.0)
+    assert a2.inputs_sha256 != a.inputs_sha256 and b2.inputs_sha256 != b.inputs_sha256
+
+
 def test_model_key_of_a_local_folder_changes_with_its_files(tmp_path):
     from tdgen.config import ModelConfig
 
