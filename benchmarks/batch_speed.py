@@ -5,6 +5,11 @@ Reports assets per hour, the model-load time one batch pays once (8 separate `td
 it 8 times, plus a process start each), and that a rerun skips everything.
 
     python benchmarks/batch_speed.py --device cuda [--n 8] [--preset draft] [--json-out FILE]
+    python benchmarks/batch_speed.py --device cuda --gpus 0,0   # two worker processes on one GPU
+
+`--gpus 0,0` is the lever to measure next: a warm stage-1 step in the pipeline runs at 29.4 ms
+whether the UNet takes 10 or 6.5 ms of GPU time (h100-2026-12-07c-acceptance), so one process
+leaves the GPU idle part of each step, and a second process could fill it.
 """
 
 from __future__ import annotations
@@ -60,6 +65,8 @@ def main() -> None:
     ap.add_argument("--preset", default="draft")
     ap.add_argument("--set", action="append", default=[], help="extra section.key=value")
     ap.add_argument("--model-dir", type=Path, default=None, help="reuse a written model folder")
+    ap.add_argument("--gpus", default="", help="worker processes, one per entry (0,0: two on GPU 0); "
+                    "default: the batch in this process")
     ap.add_argument("--json-out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -95,7 +102,8 @@ def main() -> None:
     out = work / "out"
     torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
-    summary = run_batch(assets, out, device=args.device)
+    gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] or None
+    summary = run_batch(assets, out, device=args.device, gpus=gpus)
     batch_s = time.perf_counter() - t
     t = time.perf_counter()
     rerun = run_batch(assets, out, device=args.device)
@@ -105,6 +113,7 @@ def main() -> None:
     report = {
         "device": torch.cuda.get_device_name(0),
         "preset": args.preset,
+        "gpus": gpus,
         "assets": args.n,
         "done": len(done),
         "failed": [(r.name, r.reason) for r in summary.results if r.status == "failed"],
@@ -118,6 +127,7 @@ def main() -> None:
         "saved_vs_separate_makes_s": round((args.n - 1) * (load_s + process_s), 1),
         "rerun_s": round(rerun_s, 2),
         "rerun_skipped": sum(r.status == "skipped" for r in rerun.results),
+        # This process's own peak: with --gpus the workers' memory is not in it.
         "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
     }
     print(json.dumps(report, indent=1))
