@@ -312,9 +312,10 @@ def bench_sds(model, device: torch.device, resolution: int, steps: int, warmup: 
             model.tiny_vae = tiny if v["encoder"] == "tiny" else None
             if "decoder" in v:
                 model.compile_decoder = own_dec and v["decoder"] == "compiled"
-            if model.compile_unet != (v.get("unet") == "compiled" and device.type == "cuda"):
+            want_unet = v.get("unet") == "compiled" and device.type == "cuda"
+            if model.compile_unet != want_unet:
                 # The captured graphs hold whichever UNet ran when they were captured.
-                model.compile_unet = v.get("unet") == "compiled" and device.type == "cuda"
+                model.compile_unet = want_unet
                 model.graphs.clear()
             cfg = Stage1Config(encode_resolution=v["encode"], sds_space=v.get("space", "latent"),
                                sds_image_start=0.0)

@@ -617,13 +617,6 @@ def shortcut_layers(
         ("--crop", "mesh.crop", crop)) if value is not None]
 
 
-def with_shortcuts(cfg: Config, **shortcuts: Any) -> Config:
-    """`cfg` with the CLI's shortcut options applied (see `shortcut_layers`)."""
-    for changes, flag in shortcut_layers(**shortcuts):
-        cfg = apply_overrides(cfg, changes, source=flag)
-    return cfg
-
-
 # Inclusive bounds per setting, checked for every source (code, preset, --config, manifest,
 # --set) with the same message. The upper bounds keep a typo from asking for more memory than any
 # machine has (mesh.grid=100000 is 4·10¹⁵ bytes of grid) long after the model has loaded.

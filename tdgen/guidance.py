@@ -102,11 +102,6 @@ def view_embeddings(emb: PromptEmbeddings, azimuth: Tensor) -> Tensor:  # [B] de
 # The UNet with classifier-free guidance, eager or replayed from a CUDA graph
 
 
-def _unet_eps(model: DiffusionModel, latents: Tensor, t: Tensor, emb: Tensor) -> Tensor:
-    """Raw UNet forward on [2B, 4, h, w] model-dtype latents, [2B] timesteps, [2B, L, D]."""
-    return model.unet_forward(latents, t, emb)
-
-
 class _GraphedUNet:
     """One CUDA graph of the UNet forward for a fixed input shape (static input buffers)."""
 
@@ -119,11 +114,11 @@ class _GraphedUNet:
         side.wait_stream(torch.cuda.current_stream(latents.device))
         with torch.cuda.stream(side), torch.no_grad():
             for _ in range(3):
-                _unet_eps(model, self.x, self.t, self.emb)
+                model.unet_forward(self.x, self.t, self.emb)
         torch.cuda.current_stream(latents.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.no_grad(), torch.cuda.graph(self.graph):
-            self.out = _unet_eps(model, self.x, self.t, self.emb)
+            self.out = model.unet_forward(self.x, self.t, self.emb)
 
     def __call__(self, latents: Tensor, t: Tensor, emb: Tensor) -> Tensor:
         self.x.copy_(latents)
@@ -165,7 +160,7 @@ def predict_noise_cfg(model: DiffusionModel, noisy: Tensor, t: Tensor, cond: Ten
         if runner:
             out = runner(x_in, t_in, emb)
     if out is None:
-        out = _unet_eps(model, x_in, t_in, emb)
+        out = model.unet_forward(x_in, t_in, emb)
     out = out.float()
     pred_u, pred_c = out[:b], out[b:]
     pred = pred_u + guidance_scale * (pred_c - pred_u)

@@ -125,11 +125,11 @@ def test_config_file_errors(tmp_path):
         C.load_toml_file(tmp_path)
 
 
-def test_with_shortcuts():
-    cfg = C.with_shortcuts(C.Config(), seed=3, model="m", negative="ugly", lods=2)
+def test_shortcut_layers():
+    cfg = C.resolve_config(None, layers=C.shortcut_layers(seed=3, model="m", negative="ugly", lods=2))
     assert (cfg.seed, cfg.model.id, cfg.stage1.negative_prompt, cfg.export.lods) == (3, "m", "ugly", 2)
     with pytest.raises(ConfigError):
-        C.with_shortcuts(C.Config(), lods=-1)
+        C.resolve_config(None, layers=C.shortcut_layers(lods=-1))
 
 
 
