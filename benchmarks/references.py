@@ -90,6 +90,16 @@ def _box(lo, hi, uv: tuple[float, float]) -> _Part:
     return _Part(verts, np.asarray(tm.faces), np.tile(np.asarray(uv, np.float64), (len(verts), 1)))
 
 
+def _quad(corners, outward, uv: tuple[float, float]) -> _Part:
+    """A flat quad (4 corners in order around it), one flat colour, wound CCW seen from the side
+    `outward` [3] points to."""
+    v = np.asarray(corners, np.float64)
+    faces = np.array([[0, 1, 2], [0, 2, 3]])
+    if np.dot(np.cross(v[1] - v[0], v[2] - v[0]), outward) < 0:
+        faces = faces[:, ::-1]
+    return _Part(v, faces, np.tile(np.asarray(uv, np.float64), (4, 1)))
+
+
 def _circle_profile(centre_rho: float, radius: float, n: int) -> np.ndarray:  # [n+1, 2]
     # Clockwise in (rho, y): top → outer → bottom → inner → top.
     t = np.linspace(0.0, 2 * math.pi, n + 1)
@@ -293,6 +303,51 @@ def open_bowl(segments: int = 64) -> Reference:
     return _scaled(_merge("bowl", [_revolve(profile, segments, rect)], tex))
 
 
+def open_crate() -> Reference:
+    """A crate 0.7 × 0.45 m and 0.45 m tall, open at the top, its walls and floor 2 cm thick:
+    a deep cavity whose floor only views from high above see, and thin walls. One closed surface
+    (outside, rim, inside), with no faces hidden inside the walls."""
+    S = TEXTURE_SIZE
+    tex = np.zeros((S, S, 3), np.float32)
+    out_c, rim_c, in_c = (0.60, 0.22, 0.12), (0.15, 0.12, 0.10), (0.90, 0.78, 0.55)
+    for k, c in enumerate((out_c, rim_c, in_c)):
+        _paint(tex, (k / 3, 0.0, (k + 1) / 3, 1.0), _flat(c))
+    uv_out, uv_rim, uv_in = (((k + 0.5) / 3, 0.5) for k in range(3))
+    X, Z, H, t = 0.35, 0.225, 0.45, 0.02
+    x, z = X - t, Z - t
+    parts = [_quad([(-X, 0, -Z), (X, 0, -Z), (X, 0, Z), (-X, 0, Z)], (0, -1, 0), uv_out),
+             _quad([(-x, t, -z), (x, t, -z), (x, t, z), (-x, t, z)], (0, 1, 0), uv_in)]
+    # Each side: its outside wall, its strip of rim, its inside wall. A side is the plane
+    # n·p = d; `across` runs along it (half-length hw outside, hi inside).
+    for n, across in (((1, 0, 0), 2), ((-1, 0, 0), 2), ((0, 0, 1), 0), ((0, 0, -1), 0)):
+        n = np.asarray(n, np.float64)
+        (d_o, d_i), (hw, hi) = ((X, x), (Z, z)) if n[0] else ((Z, z), (X, x))
+
+        def at(d, a, y, n=n, across=across):
+            p = n * d
+            p[across], p[1] = a, y
+            return p
+
+        parts += [_quad([at(d_o, -hw, 0), at(d_o, hw, 0), at(d_o, hw, H), at(d_o, -hw, H)], n, uv_out),
+                  _quad([at(d_o, -hw, H), at(d_o, hw, H), at(d_i, hi, H), at(d_i, -hi, H)], (0, 1, 0), uv_rim),
+                  _quad([at(d_i, -hi, t), at(d_i, hi, t), at(d_i, hi, H), at(d_i, -hi, H)], -n, uv_in)]
+    return _scaled(_merge("crate", parts, tex))
+
+
+def bookshelf() -> Reference:
+    """A bookshelf 0.7 m wide and 1 m tall, open at the back and front: two 2.5 cm side panels
+    and five 2.5 cm shelves — thin slabs stacked with narrow gaps between them."""
+    S = TEXTURE_SIZE
+    tex = np.zeros((S, S, 3), np.float32)
+    _paint(tex, (0.0, 0.0, 0.5, 1.0), _flat((0.45, 0.28, 0.14)))
+    _paint(tex, (0.5, 0.0, 1.0, 1.0), _flat((0.85, 0.80, 0.70)))
+    t, X, D = 0.025, 0.35, 0.15
+    parts = [_box((-X - t, 0.0, -D), (-X, 1.0, D), (0.25, 0.5)), _box((X, 0.0, -D), (X + t, 1.0, D), (0.25, 0.5))]
+    for y in (0.0, 0.24, 0.48, 0.72, 1.0 - t):
+        parts.append(_box((-X, y, -D), (X, y + t, D), (0.75, 0.5)))
+    return _scaled(_merge("shelf", parts, tex))
+
+
 def _scaled(ref: Reference) -> Reference:
     """Bounding radius 0.5 about the box centre, like the other references."""
     v = ref.mesh.vertices.astype(np.float64)
@@ -311,6 +366,8 @@ BUILDERS: dict[str, Callable[[], Reference]] = {
     "lamp": pole_lamp,
     "rock": bumpy_rock,
     "bowl": open_bowl,
+    "crate": open_crate,
+    "shelf": bookshelf,
 }
 
 

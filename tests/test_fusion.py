@@ -187,6 +187,42 @@ def test_open_bowl_keeps_its_inside():
     assert len(welded(mesh).split(only_watertight=False)) == 1
 
 
+def open_box(wall: float = 0.07) -> trimesh.Trimesh:
+    """A crate 1 m wide, 0.6 m deep and 0.6 m tall, open at the top, its walls `wall` thick:
+    from most views its floor is hidden behind a wall; only views from near the top see it."""
+    W, D, H = 1.0, 0.6, 0.6
+    boxes = [((-W / 2, 0, -D / 2), (W / 2, wall, D / 2)),
+             ((-W / 2, 0, -D / 2), (-W / 2 + wall, H, D / 2)), ((W / 2 - wall, 0, -D / 2), (W / 2, H, D / 2)),
+             ((-W / 2, 0, -D / 2), (W / 2, H, -D / 2 + wall)), ((-W / 2, 0, D / 2 - wall), (W / 2, H, D / 2))]
+    parts = []
+    for lo, hi in boxes:
+        lo, hi = np.asarray(lo), np.asarray(hi)
+        parts.append(trimesh.creation.box(extents=hi - lo,
+                                          transform=trimesh.transformations.translation_matrix((lo + hi) / 2)))
+    return trimesh.util.concatenate(parts).apply_translation((0, -H / 2, 0)), boxes
+
+
+def test_deep_open_box_keeps_its_inside():
+    """A crate's inside, seen into by a few views from above only (most views see its floor
+    voxels far behind a wall), stays open down to the floor instead of filling up: the few
+    views that see it free carve it (`FREE_VIEWS`), while pinholes stay closed (above)."""
+    tm, boxes = open_box()
+    pts, fidx = trimesh.sample.sample_surface_even(tm, 20000, seed=0)
+    shifted = [(np.asarray(lo) - (0, 0.3, 0), np.asarray(hi) - (0, 0.3, 0)) for lo, hi in boxes]
+    # surfels on the union's surface only: drop those strictly inside another box
+    hidden = np.zeros(len(pts), bool)
+    for lo, hi in shifted:
+        hidden |= ((pts > lo + 1e-4) & (pts < hi - 1e-4)).all(1)
+    g = surfels(pts[~hidden], tm.face_normals[fidx][~hidden], math.sqrt(tm.area / len(pts)))
+    mesh = extract_mesh(g, MeshConfig(**FAST), "cpu")
+    v = mesh.vertices
+    # the floor's top is at y = -0.3 + 0.07 = -0.23; a filled crate has its top at +0.3
+    for x in (-0.3, 0.0, 0.3):
+        col = (np.abs(v[:, 0] - x) < 0.05) & (np.abs(v[:, 2]) < 0.05)
+        assert col.any() and v[col, 1].max() < -0.15, f"the crate's inside was filled at x={x}"
+    assert len(welded(mesh).split(only_watertight=False)) == 1
+
+
 def test_scene_scale_and_offset_do_not_matter():
     """A captured splat in centimetres far from the origin meshes like the same splat in stage
     1's frame, once normalize_splat brings it there (what the pipeline does)."""
