@@ -225,3 +225,31 @@ def test_normalmap_benchmark_map_beats_the_low_poly_alone():
     assert mapped["psnr"] > low["psnr"] + 2.0, rec
     assert mapped["normal_consistency"] > low["normal_consistency"], rec
     assert mapped["normal_error_deg"] < 0.5 * low["normal_error_deg"], rec
+
+
+def test_profile_trace_analysis_counts_gpu_busy_time_once(tmp_path):
+    """profile_stage1's GPU-busy figure is the union of kernel intervals (overlaps and memcpys
+    counted once, events outside the profiled steps ignored), and host waits are summed per step."""
+    import gzip
+
+    from benchmarks import profile_stage1
+
+    events = [
+        {"ph": "X", "name": "ProfilerStep#10", "ts": 0, "dur": 100},
+        {"ph": "X", "name": "ProfilerStep#11", "ts": 100, "dur": 100},
+        {"ph": "X", "cat": "kernel", "name": "a", "ts": 10, "dur": 30},
+        {"ph": "X", "cat": "kernel", "name": "b", "ts": 20, "dur": 30},  # overlaps a: 10–50
+        {"ph": "X", "cat": "gpu_memcpy", "name": "c", "ts": 120, "dur": 20},
+        {"ph": "X", "cat": "kernel", "name": "late", "ts": 500, "dur": 50},  # after the window
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaStreamSynchronize", "ts": 60, "dur": 8},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 5, "dur": 2},
+    ]
+    path = tmp_path / "t.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    out = profile_stage1.analyse_trace(path, steps=2)
+    assert out["wall_ms_per_step"] == pytest.approx(0.1)
+    assert out["gpu_busy_ms_per_step"] == pytest.approx(0.03)  # (40 + 20) µs over 2 steps
+    assert out["gpu_busy_share"] == pytest.approx(0.3)
+    assert out["host_waits_ms_per_step"] == {"cudaStreamSynchronize": pytest.approx(0.004)}
+    assert out["kernel_launches_per_step"] == 0.5

@@ -1,4 +1,5 @@
-# run on the GPU machine as: . .whl/env.sh && bash benchmarks/results/h100-2026-12-07d-profile/device_1.sh.txt
+# Run on the GPU machine as: . .whl/env.sh && bash benchmarks/device_profile_batch.sh
+# (prepared 2026-12-07; no device was lent that session, so it has not run yet)
 # Issue 10: a profile of the pipeline's own warm stage-1 loop (CPU and CUDA), then batch throughput
 # at `standard` in one process and in two worker processes on the same GPU (--gpus 0,0).
 set -u
