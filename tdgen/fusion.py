@@ -45,8 +45,9 @@ FREE_VIEWS = 2
 """A voxel that at least this many views see in front of their pinhole-closed surface
 (`CLOSE_VOXELS`) is outside, however many views it is hidden from: the inside of a deep open
 container (a crate, a cup) is seen by a few views from above only, too few for
-`OBSERVED_RATIO` (a crate with 2 cm walls, 60k surfels, `standard` on the CPU: F@1 % .755 → .912).
-One view alone carves more (.943) but also the inside of a narrow-necked vase down to its floor
+`OBSERVED_RATIO` (the built-in crate, 2 cm walls, 60k surfels, `standard` on the CPU: F@1 %
+.754 → .914; benchmarks/results/cpu-2026-12-07d-open-shapes). One view alone carves more
+(another 2 cm crate: .912 → .943) but also the inside of a narrow-necked vase down to its floor
 through the neck's shadow (F .693 → .635), and sparse hollow shells get inner walls; two keep
 both as they were (0 disables the rule)."""
 
