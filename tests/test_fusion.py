@@ -187,19 +187,18 @@ def test_open_bowl_keeps_its_inside():
     assert len(welded(mesh).split(only_watertight=False)) == 1
 
 
-def open_box(wall: float = 0.07) -> trimesh.Trimesh:
-    """A crate 1 m wide, 0.6 m deep and 0.6 m tall, open at the top, its walls `wall` thick:
-    from most views its floor is hidden behind a wall; only views from near the top see it."""
+def open_box(wall: float = 0.07) -> tuple[trimesh.Trimesh, list[tuple[np.ndarray, np.ndarray]]]:
+    """A crate 1 m wide, 0.6 m deep and 0.6 m tall (y from −0.3 to 0.3), open at the top, its
+    walls `wall` thick: from most views its floor is hidden behind a wall; only views from near
+    the top see it. Returns the five boxes' union as one mesh and their (lo, hi) corners."""
     W, D, H = 1.0, 0.6, 0.6
     boxes = [((-W / 2, 0, -D / 2), (W / 2, wall, D / 2)),
              ((-W / 2, 0, -D / 2), (-W / 2 + wall, H, D / 2)), ((W / 2 - wall, 0, -D / 2), (W / 2, H, D / 2)),
              ((-W / 2, 0, -D / 2), (W / 2, H, -D / 2 + wall)), ((-W / 2, 0, D / 2 - wall), (W / 2, H, D / 2))]
-    parts = []
-    for lo, hi in boxes:
-        lo, hi = np.asarray(lo), np.asarray(hi)
-        parts.append(trimesh.creation.box(extents=hi - lo,
-                                          transform=trimesh.transformations.translation_matrix((lo + hi) / 2)))
-    return trimesh.util.concatenate(parts).apply_translation((0, -H / 2, 0)), boxes
+    boxes = [(np.asarray(lo) - (0, H / 2, 0), np.asarray(hi) - (0, H / 2, 0)) for lo, hi in boxes]
+    parts = [trimesh.creation.box(extents=hi - lo, transform=trimesh.transformations.translation_matrix((lo + hi) / 2))
+             for lo, hi in boxes]
+    return trimesh.util.concatenate(parts), boxes
 
 
 def test_deep_open_box_keeps_its_inside():
@@ -208,10 +207,9 @@ def test_deep_open_box_keeps_its_inside():
     views that see it free carve it (`FREE_VIEWS`), while pinholes stay closed (above)."""
     tm, boxes = open_box()
     pts, fidx = trimesh.sample.sample_surface_even(tm, 20000, seed=0)
-    shifted = [(np.asarray(lo) - (0, 0.3, 0), np.asarray(hi) - (0, 0.3, 0)) for lo, hi in boxes]
     # surfels on the union's surface only: drop those strictly inside another box
     hidden = np.zeros(len(pts), bool)
-    for lo, hi in shifted:
+    for lo, hi in boxes:
         hidden |= ((pts > lo + 1e-4) & (pts < hi - 1e-4)).all(1)
     g = surfels(pts[~hidden], tm.face_normals[fidx][~hidden], math.sqrt(tm.area / len(pts)))
     mesh = extract_mesh(g, MeshConfig(**FAST), "cpu")
