@@ -230,7 +230,13 @@ def fuse_depth(
     n_near = torch.zeros(len(pts), dtype=torch.int32, device=device)  # views: free or near a surface
     n_occluded = torch.zeros(len(pts), dtype=torch.int32, device=device)  # views: far behind one
     n_free = torch.zeros(len(pts), dtype=torch.int32, device=device)  # views: before a closed surface
-    close_r = max(CLOSE_VOXELS * voxel, CLOSE_SPREAD * _typical_axes(g)[1])  # world units
+    axes = _typical_axes(g)
+    # The closing's radius in world units, and in pixels at the splat's centre for each view
+    # (once here: a per-view readback would sync the device in the loop below).
+    close_r = max(CLOSE_VOXELS * voxel, CLOSE_SPREAD * axes[1])
+    R_all, t_all = cams.viewmats[:, :3, :3], cams.viewmats[:, :3, 3:]
+    cam_centres = -(R_all.transpose(1, 2) @ t_all)[..., 0]  # [C, 3]: −Rᵀt
+    close_px = (close_r * cams.Ks[:, 0, 0] / (cam_centres - centre).norm(dim=-1).clamp_min(1e-9)).tolist()
     per_call = _VIEWS_PER_RENDER["cuda" if device.type == "cuda" else "cpu"]
     H = W = resolution
     for c0 in range(0, len(cams), per_call):
@@ -270,10 +276,8 @@ def fuse_depth(
             n_near += near
             n_occluded += vote & (sd < -Tb)
             if FREE_VIEWS > 0:
-                # the closing radius in pixels at the splat's centre
-                dist = float((centre + R.T @ t).norm())  # camera centre is −Rᵀt
                 closed = _close_holes(torch.where(surf, d_img, torch.full_like(d_img, float("inf"))),
-                                      close_r * float(K[0, 0]) / max(dist, 1e-9))
+                                      close_px[c])
                 n_free += seen & (z < closed.reshape(-1)[pix] - Tb)
         on_progress(Progress("grid", sel.stop, len(cams), message=f"fusion view {sel.stop}/{len(cams)}"))
     # The distance is the weighted mean of the near votes alone (occluded votes would bias it
@@ -284,17 +288,18 @@ def fuse_depth(
     default = torch.where(framed, -T, T)
     field = torch.where(observed, sdf_sum / w_sum.clamp_min(1e-12), default)
     out = (-field / voxel).reshape(grid, grid, grid)
-    return _smooth(out, smoothing_voxels(g, voxel)), origin, voxel
+    return _smooth(out, smoothing_voxels(g, voxel, axes)), origin, voxel
 
 
-def smoothing_voxels(g: Gaussians, voxel: float) -> float:
+def smoothing_voxels(g: Gaussians, voxel: float,
+                     axes: tuple[float, float, float] | None = None) -> float:
     """Std-dev, in voxels, of the blur the fused field gets: the larger of `SMOOTH_SCALE` times
     the median opaque Gaussian's shortest axis and `SMOOTH_IN_PLANE` times its middle one, at most
     `SMOOTH_MAX_VOXELS`. Detail finer than the Gaussians that draw it is not detail: a blobby
     splat's visible surface is as bumpy as its blobs are thick, and sparse flat surfels (discs
     wider than a voxel) leave a wave of their own size where their planes meet. Dense surfels
     (discs under a voxel) get next to none, so thin parts stay as they are."""
-    med = _typical_axes(g)
+    med = _typical_axes(g) if axes is None else axes  # `axes`: _typical_axes(g), if already known
     return min(SMOOTH_MAX_VOXELS, max(SMOOTH_SCALE * float(med[0]), SMOOTH_IN_PLANE * float(med[1])) / voxel)
 
 
