@@ -51,6 +51,14 @@ container (a crate, a cup) is seen by a few views from above only, too few for
 through the neck's shadow (F .693 → .635), and sparse hollow shells get inner walls; two keep
 both as they were (0 disables the rule)."""
 
+FREE_MARGIN = 0.0
+"""How far (voxels) in front of a view's closed surface a voxel must lie for that view to count
+it free (`FREE_VIEWS`). The closing already keeps pinholes from counting, and a closed depth
+never lies behind the raw one, so no margin is needed; one voxel (as for distance votes) kept
+the voxels just in front of a crate's inner walls and floor inside, where only a few views from
+above see them: the walls grew a voxel into the cavity (60k-surfel crate, `standard`, CPU:
+F@1 % .914 → .978 without the margin; the other objects as before or better)."""
+
 CLOSE_VOXELS = 2.0
 """Holes in a view's surface up to about twice this many voxels across are closed (a grey closing
 of its depth) before the view may carve free space: gaps between sparse surfels let a view or two
@@ -278,14 +286,17 @@ def fuse_depth(
             if FREE_VIEWS > 0:
                 closed = _close_holes(torch.where(surf, d_img, torch.full_like(d_img, float("inf"))),
                                       close_px[c])
-                n_free += seen & (z < closed.reshape(-1)[pix] - Tb)
+                n_free += seen & (z < closed.reshape(-1)[pix] - FREE_MARGIN * voxel)
         on_progress(Progress("grid", sel.stop, len(cams), message=f"fusion view {sel.stop}/{len(cams)}"))
     # The distance is the weighted mean of the near votes alone (occluded votes would bias it
     # outward). Where too few views see a voxel as free or near a surface — behind every surface,
     # or seen only through a pinhole — it is inside, unless no view frames it at all (a lattice
     # corner beyond the splat's ball: outside).
-    observed = ((n_near > OBSERVED_RATIO * n_occluded) | (n_free >= max(FREE_VIEWS, 1))) & (w_sum > 0)
-    default = torch.where(framed, -T, T)
+    # A voxel that views see free only across depth edges (which cast no vote) has no distance
+    # of its own: it is free space all the same (a crate's rim seen from above against its floor).
+    free = n_free >= max(FREE_VIEWS, 1)
+    observed = ((n_near > OBSERVED_RATIO * n_occluded) | free) & (w_sum > 0)
+    default = torch.where(framed & ~free, -T, T)
     field = torch.where(observed, sdf_sum / w_sum.clamp_min(1e-12), default)
     out = (-field / voxel).reshape(grid, grid, grid)
     return _smooth(out, smoothing_voxels(g, voxel, axes)), origin, voxel
