@@ -83,10 +83,11 @@ def test_blender_imports_asset_lod_and_collider(asset, tmp_path):
         assert [i["colorspace"] for i in f["images"]] == ["sRGB"] and f["image_feeds_shader"]
         assert f["size_xyz"][0] == pytest.approx(1.5, rel=0.05)  # a ball stays round
     # glTF +Y up arrives as Blender +Z: the height is the Z size, the pivot at the bottom. The LOD
-    # is placed like the main mesh; decimation rounds its extremes by about a percent.
+    # is placed like the main mesh; decimation rounds its extremes by about a percent, mostly
+    # inward (a quadric-optimal vertex may also sit a hair outside: −0.5 mm seen on this ball).
     assert main["size_xyz"][2] == pytest.approx(1.5, abs=2e-3)
     assert main["min_z"] == pytest.approx(0.0, abs=2e-3)
-    assert lod["size_xyz"][2] == pytest.approx(1.5, rel=0.03) and 0 <= lod["min_z"] < 0.03
+    assert lod["size_xyz"][2] == pytest.approx(1.5, rel=0.03) and -2e-3 <= lod["min_z"] < 0.03
     assert main["faces"] == 2000 and 900 <= lod["faces"] <= 1000
 
 
