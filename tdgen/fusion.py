@@ -291,9 +291,9 @@ def fuse_depth(
     # The distance is the weighted mean of the near votes alone (occluded votes would bias it
     # outward). Where too few views see a voxel as free or near a surface — behind every surface,
     # or seen only through a pinhole — it is inside, unless no view frames it at all (a lattice
-    # corner beyond the splat's ball: outside).
-    # A voxel that views see free only across depth edges (which cast no vote) has no distance
-    # of its own: it is free space all the same (a crate's rim seen from above against its floor).
+    # corner beyond the splat's ball) or `FREE_VIEWS` views see it in front of their closed
+    # surface: then it is outside, even with no distance vote of its own (seen free only across
+    # depth edges, which cast none: a crate's rim seen from above against its floor).
     free = n_free >= max(FREE_VIEWS, 1)
     observed = ((n_near > OBSERVED_RATIO * n_occluded) | free) & (w_sum > 0)
     default = torch.where(framed & ~free, -T, T)

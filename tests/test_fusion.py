@@ -201,18 +201,21 @@ def open_box(wall: float = 0.07) -> tuple[trimesh.Trimesh, list[tuple[np.ndarray
     return trimesh.util.concatenate(parts), boxes
 
 
+def open_box_surfels(wall: float = 0.07) -> Gaussians:
+    """Surfels on `open_box(wall)`'s outer surface only (none strictly inside another box)."""
+    tm, boxes = open_box(wall)
+    pts, fidx = trimesh.sample.sample_surface_even(tm, 20000, seed=0)
+    hidden = np.zeros(len(pts), bool)
+    for lo, hi in boxes:
+        hidden |= ((pts > lo + 1e-4) & (pts < hi - 1e-4)).all(1)
+    return surfels(pts[~hidden], tm.face_normals[fidx][~hidden], math.sqrt(tm.area / len(pts)))
+
+
 def test_deep_open_box_keeps_its_inside():
     """A crate's inside, seen into by a few views from above only (most views see its floor
     voxels far behind a wall), stays open down to the floor instead of filling up: the few
     views that see it free carve it (`FREE_VIEWS`), while pinholes stay closed (above)."""
-    tm, boxes = open_box()
-    pts, fidx = trimesh.sample.sample_surface_even(tm, 20000, seed=0)
-    # surfels on the union's surface only: drop those strictly inside another box
-    hidden = np.zeros(len(pts), bool)
-    for lo, hi in boxes:
-        hidden |= ((pts > lo + 1e-4) & (pts < hi - 1e-4)).all(1)
-    g = surfels(pts[~hidden], tm.face_normals[fidx][~hidden], math.sqrt(tm.area / len(pts)))
-    mesh = extract_mesh(g, MeshConfig(**FAST), "cpu")
+    mesh = extract_mesh(open_box_surfels(), MeshConfig(**FAST), "cpu")
     v = mesh.vertices
     # the floor's top is at y = -0.3 + 0.07 = -0.23; a filled crate has its top at +0.3
     for x in (-0.3, 0.0, 0.3):
@@ -227,13 +230,7 @@ def test_thin_walled_crate_floor_stays_at_its_height():
     close (`FREE_MARGIN`), and so are voxels that views see free only across depth edges (which
     cast no distance vote): with 4 cm walls (1.7 voxels) the floor used to come out 3 cm high."""
     wall = 0.04
-    tm, boxes = open_box(wall)
-    pts, fidx = trimesh.sample.sample_surface_even(tm, 20000, seed=0)
-    hidden = np.zeros(len(pts), bool)
-    for lo, hi in boxes:
-        hidden |= ((pts > lo + 1e-4) & (pts < hi - 1e-4)).all(1)
-    g = surfels(pts[~hidden], tm.face_normals[fidx][~hidden], math.sqrt(tm.area / len(pts)))
-    v = extract_mesh(g, MeshConfig(**FAST), "cpu").vertices
+    v = extract_mesh(open_box_surfels(wall), MeshConfig(**FAST), "cpu").vertices
     voxel = 1.05 / FAST["grid"]
     floor = (np.abs(v[:, 0]) < 0.2) & (np.abs(v[:, 2]) < 0.1) & (v[:, 1] < -0.3 + wall + 0.05)
     assert floor.any()
