@@ -206,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="START:STOP steps to profile (repeatable; default: 100:115 and 420:440 of "
                          "500, scaled to the preset's steps)")
     ap.add_argument("--tiny", action="store_true", help="the tests' tiny random model (a CPU check of this script)")
+    ap.add_argument("--vae-graphs", action="store_true", help="model.vae_graphs=true")
     ap.add_argument("--json-out", type=Path, default=None)
     ap.add_argument("--trace", type=Path, default=Path("stage1_trace.json.gz"),
                     help="chrome trace of the last window (one file per window: _N appended)")
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
 
         model = load_model(ModelConfig(id=str(write_tiny_model(Path(tempfile.mkdtemp()) / "m"))), device)
     else:
-        model = build_full_sd21_base(device, torch.float16)
+        model = build_full_sd21_base(device, torch.float16, vae_graphs=args.vae_graphs)
     sets = dict(s.partition("=")[::2] for s in args.set) | {"model.id": model.model_id}
     cfg = resolve_config(args.preset, sets)
     steps = cfg.stage1.steps

@@ -91,7 +91,8 @@ def build_model(args, device: torch.device, workdir: Path):
                                         cuda_graphs=not args.no_graphs,
                                         compile_encoder=not args.no_compile,
                                         compile_decoder=not (args.no_compile or args.no_compile_decoder),
-                                        compile_unet=args.compile_unet)
+                                        compile_unet=args.compile_unet,
+                                        vae_graphs=args.vae_graphs)
 
     return timed(build, device)
 
@@ -551,6 +552,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-compile", action="store_true", help="VAE encoder and decoder eager (model.compile_encoder=false, compile_decoder=false)")
     ap.add_argument("--no-compile-decoder", action="store_true",
                     help="VAE decoder eager (model.compile_decoder=false), the encoder as --no-compile says")
+    ap.add_argument("--vae-graphs", action="store_true",
+                    help="VAE encoder and decoder replayed from CUDA graphs (model.vae_graphs=true)")
     ap.add_argument("--tiny-encoder", action="store_true",
                     help="pipeline runs with the tiny SDS encoder (model.sds_encoder = tiny)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -611,6 +614,7 @@ def _bench_model(args, device: torch.device, report: dict[str, Any]) -> None:
         report["cold_start"] = {"model_build_s": build_s}
         report["dtype"] = str(model.dtype).removeprefix("torch.")
         report["cuda_graphs"] = model.cuda_graphs
+        report["vae_graphs"] = model.vae_graphs
 
         if args.step_breakdown:
             presets = [p.strip() for p in args.presets.split(",") if p.strip()]

@@ -52,6 +52,13 @@ class ModelConfig:
     encoder: an image-space SDS step at 512² 37.3 → 23.7 ms, warm `standard` 29.9 → 26.0 s on an
     H100. Same outputs to fp16 rounding; a failed compile falls back to eager with a warning. The
     first compile on a machine adds ~20 s; later processes read inductor's cache."""
+    vae_graphs: bool = False
+    """Replay the VAE encoder (forward, and its backward in latent-space SDS) and decoder from
+    CUDA graphs on CUDA, as `cuda_graphs` does the UNet: compiled, the encoder's 4.4 ms of
+    kernels at 512² spanned 9.4 ms of launches (benchmarks/results/h100-2026-12-08/). A failed
+    capture falls back to the plain call with a warning. Off until measured on a GPU: no device
+    was lent when it was written (benchmarks/results/h100-2026-12-08b-graphs/device_1.sh.txt
+    measures it)."""
     compile_unet: bool = False
     """Run the UNet through torch.compile on CUDA (static shapes; inside the CUDA graph when
     `cuda_graphs` is on), as the VAE's encoder and decoder are: inductor fuses its GroupNorm/SiLU

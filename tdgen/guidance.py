@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tdgen.config import Stage1Config
+from tdgen.cudagraph import graph_key, graphed_call
 # Model finding/checking/loading lives in tdgen.model; these names stay importable from here.
 from tdgen.model import (  # noqa: F401
     CHANNELS_LAST_UNET,
@@ -102,33 +103,6 @@ def view_embeddings(emb: PromptEmbeddings, azimuth: Tensor) -> Tensor:  # [B] de
 # The UNet with classifier-free guidance, eager or replayed from a CUDA graph
 
 
-class _GraphedUNet:
-    """One CUDA graph of the UNet forward for a fixed input shape (static input buffers)."""
-
-    def __init__(self, model: DiffusionModel, latents: Tensor, t: Tensor, emb: Tensor):
-        self.x = latents.clone()
-        self.t = t.clone()
-        self.emb = emb.clone()
-        # Warm-up on a side stream (cuDNN/cuBLAS autotuning and lazy inits must not be captured).
-        side = torch.cuda.Stream(device=latents.device)
-        side.wait_stream(torch.cuda.current_stream(latents.device))
-        with torch.cuda.stream(side), torch.no_grad():
-            for _ in range(3):
-                model.unet_forward(self.x, self.t, self.emb)
-        torch.cuda.current_stream(latents.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), torch.cuda.graph(self.graph):
-            self.out = model.unet_forward(self.x, self.t, self.emb)
-
-    def __call__(self, latents: Tensor, t: Tensor, emb: Tensor) -> Tensor:
-        self.x.copy_(latents)
-        self.t.copy_(t)
-        self.emb.copy_(emb)
-        self.graph.replay()
-        # Clone: the next replay overwrites `out`.
-        return self.out.clone()
-
-
 @torch.no_grad()
 def predict_noise_cfg(model: DiffusionModel, noisy: Tensor, t: Tensor, cond: Tensor,
                       uncond: Tensor, guidance_scale: float, use_graphs: bool | None = None
@@ -147,18 +121,8 @@ def predict_noise_cfg(model: DiffusionModel, noisy: Tensor, t: Tensor, cond: Ten
     graphs = model.cuda_graphs if use_graphs is None else use_graphs
     out = None
     if graphs and model.device.type == "cuda":
-        key = (tuple(x_in.shape), tuple(emb.shape), x_in.dtype, t_in.dtype)
-        runner = model.graphs.get(key)
-        if runner is None:
-            try:
-                runner = _GraphedUNet(model, x_in, t_in, emb)
-            except Exception as e:  # capture fails on some driver/op combinations
-                warnings.warn(f"CUDA graph capture of the UNet failed ({e}); running eagerly",
-                              RuntimeWarning, stacklevel=2)
-                runner = False
-            model.graphs[key] = runner
-        if runner:
-            out = runner(x_in, t_in, emb)
+        out = graphed_call(model.graphs, graph_key("unet", x_in, t_in, emb), model.unet_forward,
+                           (x_in, t_in, emb), "UNet")
     if out is None:
         out = model.unet_forward(x_in, t_in, emb)
     out = out.float()

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from tdgen.config import ModelConfig
+from tdgen.cudagraph import graph_key, graphed_call
 from tdgen.errors import ModelFormatError, ModelNotFoundError, TdgenError
 from tdgen.io import sha256_file
 
@@ -68,9 +69,12 @@ class DiffusionModel:
     """Run the VAE decoder through torch.compile (set only when on CUDA and enabled)."""
     compile_unet: bool = False
     """Run the UNet through torch.compile (set only when on CUDA and enabled)."""
+    vae_graphs: bool = False
+    """Replay the VAE encoder and decoder from CUDA graphs (set only when on CUDA and enabled)."""
     _compiled_moments: Any = field(default=None, init=False, repr=False)
     _compiled_decode: Any = field(default=None, init=False, repr=False)
     _compiled_unet: Any = field(default=None, init=False, repr=False)
+    _vae_pool: Any = field(default=None, init=False, repr=False)
 
     def unet_forward(self, latents: Tensor, t: Tensor, emb: Tensor) -> Tensor:
         """The UNet's raw output for [B, 4, h, w] model-dtype latents, [B] timesteps and
@@ -101,9 +105,15 @@ class DiffusionModel:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         with sdpa_kernel([SDPBackend.MATH]):
-            out = (self._run_compiled("encoder", "_compiled_moments", self._moments, x)
-                   if self.compile_encoder else None)
-            return DiagonalGaussianDistribution(self._moments(x) if out is None else out)
+            out = (graphed_call(self.graphs, graph_key("encoder", x), self._encoder, (x,),
+                                "VAE encoder", pool=self._vae_graph_pool())
+                   if self.vae_graphs else None)
+            return DiagonalGaussianDistribution(self._encoder(x) if out is None else out)
+
+    def _encoder(self, x: Tensor) -> Tensor:  # [B, 3, H, W] → [B, 8, H/8, W/8], compiled or eager
+        out = (self._run_compiled("encoder", "_compiled_moments", self._moments, x)
+               if self.compile_encoder else None)
+        return self._moments(x) if out is None else out
 
     def _moments(self, x: Tensor) -> Tensor:  # [B, 3, H, W] → [B, 8, H/8, W/8]
         enc = self.vae.encoder(x)
@@ -117,13 +127,28 @@ class DiffusionModel:
         single cost of an image-space SDS step (a forward over 512² × 128–512 channels whose
         GroupNorm/SiLU pairs inductor fuses); its attention on the math backend, as the
         encoder's."""
-        if self.device.type != "cuda" or not self.compile_decoder:
+        if self.device.type != "cuda" or not (self.compile_decoder or self.vae_graphs):
             return self.vae.decode(z).sample
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         with sdpa_kernel([SDPBackend.MATH]):
-            out = self._run_compiled("decoder", "_compiled_decode", self._decode, z)
-        return self.vae.decode(z).sample if out is None else out
+            out = None
+            if self.vae_graphs:
+                out = graphed_call(self.graphs, graph_key("decoder", z), self._decoder, (z,),
+                                   "VAE decoder", pool=self._vae_graph_pool())
+            return self._decoder(z) if out is None else out
+
+    def _vae_graph_pool(self):
+        """One memory pool for the VAE's no-grad graphs: they replay one after another and each
+        output is cloned before the next replay, so their intermediates may share memory."""
+        if self._vae_pool is None:
+            self._vae_pool = torch.cuda.graph_pool_handle()
+        return self._vae_pool
+
+    def _decoder(self, z: Tensor) -> Tensor:  # [B, 4, h, w] → [B, 3, 8h, 8w], compiled or eager
+        out = (self._run_compiled("decoder", "_compiled_decode", self._decode, z)
+               if self.compile_decoder else None)
+        return self._decode(z) if out is None else out
 
     def _run_compiled(self, part: str, cache: str, fn, *args, dynamic: bool | None = None):
         """`fn(*args)` through torch.compile, the compiled function kept in attribute `cache`;
@@ -174,7 +199,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def assemble_model(tokenizer, text_encoder, vae, unet, scheduler, device, dtype: torch.dtype,
                    model_id: str, source: dict, tiny_vae=None, cuda_graphs: bool = True,
                    compile_encoder: bool = False, compile_decoder: bool = False,
-                   compile_unet: bool = False) -> DiffusionModel:
+                   compile_unet: bool = False, vae_graphs: bool = False) -> DiffusionModel:
     """Move frozen modules to `device`/`dtype` in eval mode and wrap them as a DiffusionModel."""
     device = torch.device(device)
     modules = [m for m in (text_encoder, vae, unet, tiny_vae) if m is not None]
@@ -191,7 +216,8 @@ def assemble_model(tokenizer, text_encoder, vae, unet, scheduler, device, dtype:
                            cuda_graphs=bool(cuda_graphs and device.type == "cuda"),
                            compile_encoder=bool(compile_encoder and device.type == "cuda"),
                            compile_decoder=bool(compile_decoder and device.type == "cuda"),
-                           compile_unet=bool(compile_unet and device.type == "cuda"))
+                           compile_unet=bool(compile_unet and device.type == "cuda"),
+                           vae_graphs=bool(vae_graphs and device.type == "cuda"))
     _ = model.alphas_cumprod  # move the schedule once
     return model
 
@@ -539,7 +565,7 @@ def load_model(cfg: ModelConfig, device) -> DiffusionModel:
     return assemble_model(tokenizer, text_encoder, vae, unet, scheduler, device, dtype, cfg.id,
                           source, tiny_vae=tiny_vae, cuda_graphs=cfg.cuda_graphs,
                           compile_encoder=cfg.compile_encoder, compile_decoder=cfg.compile_decoder,
-                          compile_unet=cfg.compile_unet)
+                          compile_unet=cfg.compile_unet, vae_graphs=cfg.vae_graphs)
 
 
 def load_tiny_encoder(model_id: str, revision: str, dtype: torch.dtype):

@@ -98,7 +98,7 @@ def build_tiny_autoencoder(device, dtype: torch.dtype):
 def build_full_sd21_base(device, dtype: torch.dtype, tiny_encoder: bool = False,
                          cuda_graphs: bool = True, seed: int = 0,
                          compile_encoder: bool = True, compile_decoder: bool = True,
-                         compile_unet: bool = False) -> DiffusionModel:
+                         compile_unet: bool = False, vae_graphs: bool = False) -> DiffusionModel:
     """The full SD 2.1-base architecture with random weights, as a DiffusionModel on `device`."""
     from diffusers import DDIMScheduler
 
@@ -117,7 +117,8 @@ def build_full_sd21_base(device, dtype: torch.dtype, tiny_encoder: bool = False,
     return assemble_model(load_byte_tokenizer(), text_encoder, vae, unet, scheduler, device, dtype,
                           "random:sd21-base", {"id": "random:sd21-base"}, tiny_vae=tiny_vae,
                           cuda_graphs=cuda_graphs, compile_encoder=compile_encoder,
-                          compile_decoder=compile_decoder, compile_unet=compile_unet)
+                          compile_decoder=compile_decoder, compile_unet=compile_unet,
+                          vae_graphs=vae_graphs)
 
 
 def parameter_counts() -> dict[str, int]:
