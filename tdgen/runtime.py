@@ -48,8 +48,22 @@ def deterministic(device: torch.device) -> Iterator[None]:
         yield
         return
     was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True)
+    _set_deterministic(True)
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(was, warn_only=warn_only)
+        _set_deterministic(was, warn_only)
+
+
+def _set_deterministic(mode: bool, warn_only: bool = False) -> None:
+    """torch.use_deterministic_algorithms without importing inductor where nothing compiles.
+
+    The public switch also sets inductor's own flag, and importing `torch._inductor` for it took
+    ~2 s of a 25 s `tdgen mesh` on a 2-core CPU. Inductor compiles only on CUDA here; where it is
+    already imported, the public switch is used so its flag follows."""
+    import sys
+
+    if "torch._inductor" in sys.modules:
+        torch.use_deterministic_algorithms(mode, warn_only=warn_only)
+    else:
+        torch._C._set_deterministic_algorithms(mode, warn_only=warn_only)

@@ -138,7 +138,9 @@ def rasterize_view(means2d, conics, colors, opac, depths, radii, background, wid
     means2d [N,2], conics [N,3], colors [N,D], opac [N], depths [N], radii [N,2] int,
     background [D] → rgb [H,W,D], alpha [H,W,1], depth [H,W,1]; with `cross_level`, also, per
     pixel [H, W], the splat whose alpha takes the pixel's accumulated alpha past that level (−1:
-    none), its alpha there and the transmittance before it (see `render_depth`). `tile_rows`
+    none), its alpha there and the transmittance before it (see `render_depth`); compositing
+    then stops soon after the crossing, so where alpha reaches the level the outputs are partial
+    sums (alpha ≥ the level, not the pixel's total). `tile_rows`
     [N, 2] bounds each splat's tile rows (several views stacked into one tall image).
     """
     device = means2d.device
@@ -184,6 +186,11 @@ def rasterize_view(means2d, conics, colors, opac, depths, radii, background, wid
     acc = means2d.new_zeros(tw * th, P, D + 2)  # Σ w·(r, g, b, z, 1) per pixel
     elements = _GROUP_ELEMENTS_CUDA if device.type == "cuda" else _GROUP_ELEMENTS
     group = max(1, elements // (P * _CHUNK))
+    # A pixel stops once its transmittance falls to T_MIN (gsplat); with `cross_level`, once it
+    # has crossed the level: what lies behind no longer changes its crossing or whether its alpha
+    # reaches the level, and flat surfels seldom take T to T_MIN within the front surface, so
+    # without this every tile composited its whole list, back faces included (3× the work).
+    stop_T = T_MIN if cross_level is None else max(T_MIN, 1.0 - cross_level)
     if cross_level is not None:
         cross_gid = torch.full((tw * th, P), -1, dtype=torch.long, device=device)
         cross_alpha = means2d.new_zeros(tw * th, P)
@@ -235,7 +242,7 @@ def rasterize_view(means2d, conics, colors, opac, depths, radii, background, wid
                     cross_alpha[rows, cols] = alpha.gather(-1, k)[..., 0][found]
                     cross_before[rows, cols] = before.gather(-1, k)[..., 0][found]
             with torch.no_grad():
-                done[act] |= trans[..., -1] <= T_MIN
+                done[act] |= trans[..., -1] <= stop_T
                 k0 += L
                 still = (n_left[act] > k0) & ~done[act].all(-1)
                 act = act[still]
@@ -259,8 +266,9 @@ def rasterize_view(means2d, conics, colors, opac, depths, radii, background, wid
 
 @torch.no_grad()
 def render_depth(g: Gaussians, cams: Cameras, level: float) -> tuple[Tensor, Tensor]:
-    """Accumulated alpha [C, H, W, 1] and the camera z [C, H, W, 1] at which each pixel's ray has
-    accumulated `level` of alpha (0 where it never does): the splat's visible surface.
+    """Accumulated alpha [C, H, W, 1] (exact below `level`; at least `level` where the ray gets
+    there, compositing stopping soon after) and the camera z [C, H, W, 1] at which each pixel's
+    ray has accumulated `level` of alpha (0 where it never does): the splat's visible surface.
 
     Each Gaussian's opacity along a ray rises as o·exp(−(s − s*)²/2σ²) up to its peak at s*
     (Gaussian Opacity Fields' ray–Gaussian model, arXiv:2404.10772), so the ray crosses `level`

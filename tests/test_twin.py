@@ -57,6 +57,14 @@ def test_second_layer_crosses_when_the_first_is_faint():
     assert _centre(z) == pytest.approx(expected, abs=2e-3)
 
 
+def _same_alpha(a: torch.Tensor, b: torch.Tensor, level: float) -> None:
+    """Two alpha renders agree: exactly where under `level`, and on which pixels reach it (past
+    the level compositing stops early, so the sums there depend on how the work was chunked)."""
+    assert torch.equal(a >= level, b >= level)
+    low = a < level
+    assert (a[low] - b[low]).abs().max() < 1e-3
+
+
 def _sphere_views(device: str):
     g = isotropic(fibonacci_sphere(3000, 0.5), sigma=0.02, opacity=0.7).to(device)
     cams = orbit_cameras([0.0, 40.0, -70.0, 10.0], [0.0, 90.0, -150.0, 30.0], RADIUS, 40.0, 40, 40,
@@ -70,7 +78,7 @@ def test_views_batched_equal_views_one_by_one():
     alpha, z = render_depth(g, cams, 0.5)
     for c in range(len(cams)):
         a1, z1 = render_depth(g, cams.index(slice(c, c + 1)), 0.5)
-        assert (a1[0] - alpha[c]).abs().max() < 1e-3
+        _same_alpha(a1[0], alpha[c], 0.5)
         assert ((z1[0] - z[c]).abs() < 1e-3).float().mean() > 0.999
     # The sphere's front at 0.5 m radius, seen from 2 m: the centre pixel's depth is just short of 1.5.
     assert 1.5 - 0.05 < float(z[0, 20, 20, 0]) < 1.5
@@ -81,5 +89,5 @@ def test_cuda_equals_cpu():
     g, cams = _sphere_views("cpu")
     a_cpu, z_cpu = render_depth(g, cams, 0.5)
     a_gpu, z_gpu = render_depth(g.to("cuda"), cams.to("cuda"), 0.5)
-    assert (a_gpu.cpu() - a_cpu).abs().max() < 1e-3
+    _same_alpha(a_gpu.cpu(), a_cpu, 0.5)
     assert ((z_gpu.cpu() - z_cpu).abs() < 1e-3).float().mean() > 0.999
