@@ -7,7 +7,6 @@ One `DiffusionModel` (loaded by `tdgen.model.load_model`, re-exported here) is l
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 

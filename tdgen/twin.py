@@ -189,7 +189,8 @@ def rasterize_view(means2d, conics, colors, opac, depths, radii, background, wid
     # A pixel stops once its transmittance falls to T_MIN (gsplat); with `cross_level`, once it
     # has crossed the level: what lies behind no longer changes its crossing or whether its alpha
     # reaches the level, and flat surfels seldom take T to T_MIN within the front surface, so
-    # without this every tile composited its whole list, back faces included (3× the work).
+    # without this every tile composited its whole list, back faces included (fusion's 24 draft
+    # views of a 60k-surfel crate: 15–25 % less time).
     stop_T = T_MIN if cross_level is None else max(T_MIN, 1.0 - cross_level)
     if cross_level is not None:
         cross_gid = torch.full((tw * th, P), -1, dtype=torch.long, device=device)
