@@ -19,7 +19,6 @@ class GraphedForward:
     values: `fn` must take and return tensors only, its output a single tensor."""
 
     def __init__(self, fn: Callable[..., Tensor], args: tuple[Tensor, ...], pool=None):
-        self.fn = fn
         self.inputs = tuple(a.clone() for a in args)
         # Warm-up on a side stream: cuDNN/cuBLAS autotuning, inductor's first call and lazy
         # inits must not be captured.
